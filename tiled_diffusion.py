@@ -54,6 +54,20 @@ class TileConfig:
 
 
 @dataclass(frozen=True)
+class TileBatch:
+    """Where a batch of tiles lies: passed to deferred per-tile conditioning (ControlNet).
+
+    ``windows`` are in latent units on the canvas ``H`` x ``W`` *as the model sees it*: for
+    SpotDiffusion that canvas is the latent rolled by ``shift`` = (dy, dx).
+    """
+    windows: tuple
+    H: int
+    W: int
+    n_chunks: int
+    shift: tuple = (0, 0)
+
+
+@dataclass(frozen=True)
 class Window:
     """A tile as the engine uses it (latent units): its evaluation window and its core."""
     y0: int
@@ -162,8 +176,8 @@ def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int) -> dict:
     """The model kwargs for a batch of tiles (see :func:`tile_value`)."""
     out = {}
     for key, v in c.items():
-        if key == "transformer_options":
-            out[key] = v
+        if key == "transformer_options" or hasattr(v, "tile_control"):
+            out[key] = v    # deferred control is computed per tile batch in TiledDiffusion._evaluate
         else:
             out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in LIST_KEYS_WHOLE)
     return out
@@ -490,7 +504,8 @@ class TiledDiffusion:
             xr = torch.roll(x, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else x
             cr = _roll_cond(c, dy, dx, x.shape[0], H, W) if (dy or dx) else c
             weights = {i: plan.weights[i] for i in evaluated}
-            blend = self._evaluate(apply_model, xr, t, cr, cou, n_chunks, plan, evaluated, weights, run)
+            blend = self._evaluate(apply_model, xr, t, cr, cou, n_chunks, plan, evaluated, weights, run,
+                                   shift=(dy, dx))
             if dy or dx:
                 blend = torch.roll(blend, shifts=(-dy, -dx), dims=(-2, -1))
         else:
@@ -571,7 +586,8 @@ class TiledDiffusion:
             run.batch = k
         return k
 
-    def _evaluate(self, apply_model, x, t, c, cou, n_chunks, plan: Plan, evaluated, weights, run):
+    def _evaluate(self, apply_model, x, t, c, cou, n_chunks, plan: Plan, evaluated, weights, run,
+                  shift=(0, 0)):
         """M = sum over evaluated windows of weight_t * x0_t, model calls batched by window size."""
         import comfy.model_management as mm
         N = x.shape[0]
@@ -591,6 +607,9 @@ class TiledDiffusion:
                 xt = xt.reshape(-1, *xt.shape[3:])
                 tt = chunk_repeat(t, n_chunks, len(idx)) if t.ndim > 0 and t.shape[0] == N else t
                 ct = tile_cond(c, wins, n_chunks, N, H, W)
+                deferred = ct.get("control")
+                if hasattr(deferred, "tile_control"):
+                    ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks, shift))
                 pred = self._model(apply_model, xt, tt, ct, cou)
                 pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
                 for j, (i, wi) in enumerate(zip(idx, wins)):
