@@ -1,0 +1,84 @@
+"""Test-only ComfyUI custom nodes that hand out the tiny fixture models of tests/fixtures.py.
+
+Installed into a test server's ``custom_nodes`` folder (as a symlink) by tests/server.py:
+
+* ``QTDTestCheckpointLoader`` (kind, seed) -> (MODEL, CLIP, VAE): drop-in for CheckpointLoaderSimple.
+* ``QTDTestConditioning`` (text) -> CONDITIONING.
+
+``tests/fixtures.py`` is found through ``$QTD_FIXTURES_PY`` or next to this package's real
+(symlink-resolved) folder, and loaded by file path as module ``qtd_fixtures``.
+"""
+import importlib.util
+import os
+import sys
+
+
+def _load_fixtures():
+    if "qtd_fixtures" in sys.modules:
+        return sys.modules["qtd_fixtures"]
+    candidates = [
+        os.environ.get("QTD_FIXTURES_PY"),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "fixtures.py"),
+    ]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location("qtd_fixtures", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["qtd_fixtures"] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop("qtd_fixtures", None)
+                raise
+            return module
+    raise ImportError(f"tests/fixtures.py not found (tried {candidates}); set QTD_FIXTURES_PY")
+
+
+fx = _load_fixtures()
+
+
+class QTDTestCheckpointLoader:
+    """Tiny deterministic MODEL/CLIP/VAE for tests (stands in for CheckpointLoaderSimple)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "kind": (list(fx.MODEL_KINDS), {"default": "local", "tooltip": "Which fixture model to build."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Weight seed."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/quadtree_diffusion"
+    DESCRIPTION = "Test fixture: a tiny seeded model, a hashing CLIP and a linear 8x VAE."
+
+    def load(self, kind, seed):
+        return (fx.make_model(kind, seed), fx.FixtureCLIP(), fx.FixtureVAE())
+
+
+class QTDTestConditioning:
+    """CONDITIONING deterministically derived from a text (no CLIP needed)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"default": "", "multiline": True, "tooltip": "Hashed into the conditioning."})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "_for_testing/quadtree_diffusion"
+
+    def encode(self, text):
+        return (fx.tiny_conditioning(text),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "QTDTestCheckpointLoader": QTDTestCheckpointLoader,
+    "QTDTestConditioning": QTDTestConditioning,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QTDTestCheckpointLoader": "QTD Test Checkpoint Loader",
+    "QTDTestConditioning": "QTD Test Conditioning",
+}
