@@ -179,13 +179,18 @@ def build_quadtree(image: torch.Tensor, content_threshold: float = 25.0, min_til
 # --------------------------------------------------------------------------- grid
 
 def grid_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Window starts along one axis: stride ``tile - overlap``, the last window flush with the end."""
+    """Window starts along one axis: the fewest windows of size ``tile`` whose neighbours share at
+    least ``overlap`` px, spread evenly so the first starts at 0 and the last is flush with the end.
+
+    n = ceil((length - tile) / (tile - overlap)) + 1;  start_i = round(i * (length - tile) / (n - 1)).
+    Even spacing keeps every overlap >= ``overlap`` (no window edge lands next to another's edge).
+    """
     tile = min(tile, length)
     if tile >= length:
         return [0]
     stride = max(1, tile - overlap)
     n = math.ceil((length - tile) / stride) + 1
-    return sorted({min(i * stride, length - tile) for i in range(n)})
+    return sorted({int(round(i * (length - tile) / (n - 1))) for i in range(n)})
 
 
 def grid_partition(length: int, tile: int) -> list[tuple[int, int]]:

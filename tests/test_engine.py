@@ -1,0 +1,206 @@
+"""The tile engine through ComfyUI's real KSampler (issue 3).
+
+The local fixture model has a known receptive field, so with an overlap wider than it the
+tiled result must stay close to the untiled one; one tile covering the canvas must give
+exactly the untiled result.
+"""
+import pytest
+import torch
+
+METHODS = ["MultiDiffusion", "Mixture of Diffusers", "SpotDiffusion"]
+
+
+def tiled(pack, fx, model, **kw):
+    node = pack.nodes.QuadtreeDiffusion
+    args = fx.node_input_defaults(node)
+    args.update(model=model, tile_batch_size=4)
+    args.update(kw)
+    return fx.call_node(node, **args)[0]
+
+
+def conds(fx):
+    return fx.tiny_conditioning("a photo"), fx.tiny_conditioning("blurry")
+
+
+def source_latent(w, h, batch=1, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, h // 8, w // 8, generator=g) * 2.0
+
+
+@pytest.fixture(scope="module")
+def local(fx):
+    return fx.local_model(0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_tile_equals_untiled(pack, fx, local, method):
+    pos, neg = conds(fx)
+    lat = source_latent(256, 192)
+    ref = fx.run_ksampler(local, pos, neg, lat, steps=4, cfg=7.0, denoise=0.7)
+    m = tiled(pack, fx, local, method=method, tile_width=256, tile_height=192)
+    out = fx.run_ksampler(m, pos, neg, lat, steps=4, cfg=7.0, denoise=0.7)
+    assert torch.equal(out, ref)
+
+
+def test_one_leaf_quadtree_equals_untiled(pack, fx, local):
+    pos, neg = conds(fx)
+    flat = torch.full((1, 192, 256, 3), 0.5)
+    _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=flat, content_threshold=25.0, min_tile_size=64,
+                             min_denoise=1.0, max_denoise=1.0, line_thickness=2, max_tile_size=1024)
+    assert len(layout.tiles) == 1
+    lat = source_latent(256, 192)
+    ref = fx.run_ksampler(local, pos, neg, lat, steps=4, denoise=0.7)
+    out = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout), pos, neg, lat, steps=4, denoise=0.7)
+    assert torch.equal(out, ref)
+
+
+def seam_report(out, ref, period, overlap_latent):
+    """Max error in bands around tile boundaries vs the interior."""
+    err = (out - ref).abs().amax(dim=(0, 1))
+    H, W = err.shape
+    band = torch.zeros(H, W, dtype=torch.bool)
+    for x in range(0, W, period):
+        band[:, max(0, x - overlap_latent):x + overlap_latent] = True
+    for y in range(0, H, period):
+        band[max(0, y - overlap_latent):y + overlap_latent, :] = True
+    return float(err[band].max()), float(err[~band].max() if (~band).any() else 0.0)
+
+
+# Bounds measured with the local model (radius 3 latent px), 64-px (8 latent px) overlap, 4 euler
+# steps at CFG 7 on a 512x384 canvas with 256x256 tiles, latent std ~2.  MultiDiffusion averages the
+# tile-edge bands with equal weight, Mixture of Diffusers down-weights them by a Gaussian, and
+# SpotDiffusion has no overlap (its seams move every step), so the bounds differ per method.
+SEAM_BOUNDS = {"Mixture of Diffusers": 0.005, "MultiDiffusion": 1.0, "SpotDiffusion": 2.0}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tiled_close_to_untiled(pack, fx, local, method, capsys):
+    pos, neg = conds(fx)
+    lat = source_latent(512, 384)
+    ref = fx.run_ksampler(local, pos, neg, lat, steps=4, denoise=0.8)
+    m = tiled(pack, fx, local, method=method, tile_width=256, tile_height=256, tile_overlap=64)
+    out = fx.run_ksampler(m, pos, neg, lat, steps=4, denoise=0.8)
+    assert torch.isfinite(out).all()
+    boundary, interior = seam_report(out, ref, 32 - 8, 8)
+    with capsys.disabled():
+        print(f"\n[seam] {method}: max |tiled-untiled| boundary bands {boundary:.4f}, interior {interior:.4f} "
+              f"(latent std {float(ref.std()):.2f})")
+    assert float((out - ref).abs().max()) < SEAM_BOUNDS[method]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("cfg", [1.0, 7.0])
+def test_samplers_and_cfg(pack, fx, local, sampler, cfg):
+    pos, neg = conds(fx)
+    lat = source_latent(320, 256)
+    ref = fx.run_ksampler(local, pos, neg, lat, steps=3, cfg=cfg, sampler_name=sampler, denoise=0.8)
+    m = tiled(pack, fx, local, method="Mixture of Diffusers", tile_width=192, tile_height=192, tile_overlap=64)
+    out = fx.run_ksampler(m, pos, neg, lat, steps=3, cfg=cfg, sampler_name=sampler, denoise=0.8)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert float((out - ref).abs().max()) < 0.01
+
+
+def test_batch_two_non_square_not_multiple_of_tile(pack, fx, local):
+    pos, neg = conds(fx)
+    lat = source_latent(456, 280, batch=2)   # 57x35 latent, tiles of 24 latent px
+    ref = fx.run_ksampler(local, pos, neg, lat, steps=3, denoise=0.8)
+    m = tiled(pack, fx, local, method="Mixture of Diffusers", tile_width=192, tile_height=192, tile_overlap=64,
+              tile_batch_size=3)
+    out = fx.run_ksampler(m, pos, neg, lat, steps=3, denoise=0.8)
+    assert out.shape == (2, 4, 35, 57)
+    assert float((out - ref).abs().max()) < 0.01
+    # the two batch items are different samples, each tiled correctly
+    assert float((out[0] - out[1]).abs().mean()) > 0.1
+
+
+def test_inpaint_model_c_concat_is_cropped(pack, fx):
+    model = fx.local_inpaint_model(0)
+    pos, neg = conds(fx)
+    lat = source_latent(320, 256)
+    mask = torch.zeros(1, 1, 256, 320)
+    mask[..., 64:192, 96:256] = 1.0
+    latent = {"samples": lat, "noise_mask": mask}
+    ref = fx.run_ksampler(model, pos, neg, latent, steps=3, denoise=1.0)
+    m = tiled(pack, fx, model, method="Mixture of Diffusers", tile_width=192, tile_height=192, tile_overlap=64)
+    out = fx.run_ksampler(m, pos, neg, latent, steps=3, denoise=1.0)
+    assert float((out - ref).abs().max()) < 0.01
+
+
+def test_area_conditioned_prompt(pack, fx, local):
+    import nodes as comfy_nodes
+    pos, neg = conds(fx)
+    area_pos = comfy_nodes.ConditioningSetArea().append(fx.tiny_conditioning("a red barn"), 256, 192, 128, 64, 1.0)[0]
+    both = comfy_nodes.ConditioningCombine().combine(pos, area_pos)[0]
+    lat = source_latent(512, 320)
+    ref = fx.run_ksampler(local, both, neg, lat, steps=3, denoise=0.8)
+    m = tiled(pack, fx, local, method="Mixture of Diffusers", tile_width=192, tile_height=192, tile_overlap=64)
+    out = fx.run_ksampler(m, both, neg, lat, steps=3, denoise=0.8)
+    assert float((out - ref).abs().max()) < 0.01
+    # and the area prompt really changed the result inside its area
+    plain = fx.run_ksampler(m, pos, neg, lat, steps=3, denoise=0.8)
+    assert float((out - plain)[..., 8:32, 16:48].abs().mean()) > 1e-3
+
+
+def test_input_model_is_not_mutated(pack, fx, local):
+    before = dict(local.model_options)
+    wrappers_before = {k: {kk: list(vv) for kk, vv in v.items()} for k, v in local.wrappers.items()}
+    tiled(pack, fx, local)
+    assert "model_function_wrapper" not in local.model_options
+    assert local.model_options.keys() == before.keys()
+    assert {k: {kk: list(vv) for kk, vv in v.items()} for k, v in local.wrappers.items()} == wrappers_before
+
+
+def test_composes_with_existing_wrapper(pack, fx, local):
+    """A model_function_wrapper already on the model is called for every tile batch."""
+    calls = []
+
+    def doubling(apply_model, args):
+        calls.append(tuple(args["input"].shape))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    base = local.clone()
+    base.set_model_unet_function_wrapper(doubling)
+    pos, neg = conds(fx)
+    m = tiled(pack, fx, base, tile_width=128, tile_height=128, tile_overlap=0, tile_batch_size=2)
+    fx.run_ksampler(m, pos, neg, source_latent(256, 256), steps=2, denoise=0.5)
+    # 2x2 tiles of 16x16 latent px, batches of 2 tiles x (cond, uncond)
+    assert calls and all(s[-2:] == (16, 16) and s[0] == 4 for s in calls)
+
+
+def test_memory_planning_sees_tile_batch(pack, fx, local):
+    import comfy.sampler_helpers
+    seen = []
+    m = tiled(pack, fx, local, tile_width=128, tile_height=128, tile_overlap=0, tile_batch_size=2)
+
+    def spy(executor, model, noise_shape, conds, model_options=None):
+        seen.append(list(noise_shape))
+        return executor(model, noise_shape, conds, model_options=model_options)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "zz_spy", spy)
+    pos, neg = conds(fx)
+    fx.run_ksampler(m, pos, neg, source_latent(512, 512), steps=1, denoise=0.5)
+    assert seen and seen[-1][-2:] == [16, 16] and seen[-1][0] == 2
+
+
+def test_interrupt_between_tile_batches(pack, fx, local):
+    import comfy.model_management as mm
+    pos, neg = conds(fx)
+    m = tiled(pack, fx, local, tile_width=128, tile_height=128, tile_overlap=0, tile_batch_size=1)
+    calls = []
+
+    def interrupting(apply_model, args):
+        calls.append(1)
+        if len(calls) == 2:
+            mm.interrupt_current_processing(True)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m2 = m.clone()
+    engine = type(m.model_options["model_function_wrapper"])(m.model_options["model_function_wrapper"].cfg,
+                                                              interrupting)
+    m2.set_model_unet_function_wrapper(engine)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            fx.run_ksampler(m2, pos, neg, source_latent(512, 512), steps=2, denoise=0.5)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 2   # stopped at the next tile batch, not at the end of the step
