@@ -1,0 +1,206 @@
+"""Variable denoise and skip through ComfyUI's real KSampler (issue 4)."""
+import logging
+
+import pytest
+import torch
+
+
+def tiled(pack, fx, model, **kw):
+    node = pack.nodes.QuadtreeDiffusion
+    args = fx.node_input_defaults(node)
+    args.update(model=model, tile_batch_size=4, method="Mixture of Diffusers", tile_overlap=64)
+    args.update(kw)
+    return fx.call_node(node, **args)[0]
+
+
+def layout_for(pack, fx, image, lo, hi, min_tile=64, max_tile=1024):
+    return fx.call_node(pack.nodes.QuadtreeVisualizer, image=image, content_threshold=25.0, min_tile_size=min_tile,
+                        min_denoise=lo, max_denoise=hi, line_thickness=1, max_tile_size=max_tile)[1]
+
+
+@pytest.fixture(scope="module")
+def local(fx):
+    return fx.local_model(0)
+
+
+@pytest.fixture(scope="module")
+def photo(fx):
+    return fx.synthetic_photo(384, 256, seed=1)   # flat sky on top, texture bottom right
+
+
+@pytest.fixture(scope="module")
+def source(fx, photo):
+    return fx.FixtureVAE().encode(photo)
+
+
+def conds(fx):
+    return fx.tiny_conditioning("a photo"), fx.tiny_conditioning("blurry")
+
+
+def test_schedule_equals_shorter_img2img(pack, fx, local, photo, source):
+    """d = 0.5 everywhere, 20 euler steps at denoise 0.8 == 10 steps at denoise 0.4 with tiling at full strength
+    (both use the last 11 sigmas of a 25-step schedule)."""
+    layout = layout_for(pack, fx, photo, 0.5, 0.5)
+    assert len(layout.tiles) > 1 and {t.denoise for t in layout.tiles} == {0.5}
+    pos, neg = conds(fx)
+    a = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, variable_denoise="schedule"), pos, neg, source,
+                        steps=20, denoise=0.8, seed=7)
+    b = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, variable_denoise="off"), pos, neg, source,
+                        steps=10, denoise=0.4, seed=7)
+    assert torch.allclose(a, b, atol=1e-4, rtol=0), float((a - b).abs().max())
+    # and it is not trivially the source
+    assert float((a - source).abs().mean()) > 1e-2
+
+
+def test_full_strength_schedule_is_plain_tiling(pack, fx, local, photo, source):
+    layout = layout_for(pack, fx, photo, 1.0, 1.0)
+    pos, neg = conds(fx)
+    a = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, variable_denoise="schedule"), pos, neg, source,
+                        steps=4, denoise=0.7)
+    b = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, variable_denoise="off"), pos, neg, source,
+                        steps=4, denoise=0.7)
+    assert torch.equal(a, b)
+
+
+def core_interiors(layout, pred, margin):
+    """Latent boxes (y0, y1, x0, x1) of the tiles satisfying pred, shrunk by margin latent px."""
+    out = []
+    for t in layout.tiles:
+        if pred(t):
+            y0, y1, x0, x1 = t.y // 8 + margin, (t.y + t.h) // 8 - margin, t.x // 8 + margin, (t.x + t.w) // 8 - margin
+            if y1 > y0 and x1 > x0:
+                out.append((y0, y1, x0, x1))
+    return out
+
+
+def test_zero_denoise_tiles_keep_the_source(pack, fx, local, photo, source):
+    layout = layout_for(pack, fx, photo, 0.0, 0.9)
+    assert min(t.denoise for t in layout.tiles) == 0.0 and max(t.denoise for t in layout.tiles) > 0.5
+    pos, neg = conds(fx)
+    out = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, tile_overlap=0), pos, neg, source, steps=6,
+                          denoise=0.9)
+    boxes = core_interiors(layout, lambda t: t.denoise == 0.0, 0)
+    assert boxes
+    for y0, y1, x0, x1 in boxes:
+        assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
+    # the detailed tiles did change
+    for y0, y1, x0, x1 in core_interiors(layout, lambda t: t.denoise > 0.5, 0):
+        assert float((out - source)[..., y0:y1, x0:x1].abs().mean()) > 1e-2
+
+
+def test_skip_preserves_source_exactly_and_saves_calls(pack, fx, local, photo, source, caplog):
+    layout = layout_for(pack, fx, photo, 0.2, 0.8)
+    sizes = sorted({t.min_side for t in layout.tiles})
+    assert len(sizes) > 1
+    skip_below = sizes[-1]        # every tile but the largest is skipped
+    pos, neg = conds(fx)
+    calls = []
+
+    def counting(apply_model, args):
+        calls.append(args["input"].shape[0])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    base = local.clone()
+    base.set_model_unet_function_wrapper(counting)
+    with caplog.at_level(logging.INFO):
+        out = fx.run_ksampler(tiled(pack, fx, base, quadtree=layout, variable_denoise="off",
+                                    skip_diffusion_below=skip_below, tile_overlap=0), pos, neg, source, steps=4,
+                              denoise=0.8)
+    small = core_interiors(layout, lambda t: t.min_side < skip_below, 0)
+    for y0, y1, x0, x1 in small:
+        assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
+    n_large = sum(1 for t in layout.tiles if t.min_side >= skip_below)
+    assert sum(calls) == 4 * n_large * 2      # 4 steps x large tiles x (cond, uncond)
+    text = caplog.text
+    n_small = len(layout.tiles) - n_large
+    assert f"[Quadtree Skip]: Will skip {n_small}/{len(layout.tiles)} tiles (min dimension < {skip_below}px)" in text
+
+
+def test_schedule_saves_model_calls(pack, fx, local, photo, source, caplog):
+    layout = layout_for(pack, fx, photo, 0.2, 0.8)
+    pos, neg = conds(fx)
+    counts = {}
+    for mode in ("off", "schedule"):
+        calls = []
+
+        def counting(apply_model, args, calls=calls):
+            calls.append(args["input"].shape[0] // 2)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        base = local.clone()
+        base.set_model_unet_function_wrapper(counting)
+        with caplog.at_level(logging.INFO):
+            fx.run_ksampler(tiled(pack, fx, base, quadtree=layout, variable_denoise=mode), pos, neg, source,
+                            steps=10, denoise=0.8)
+        counts[mode] = sum(calls)
+    expected = pack.variable_denoise.schedule_model_calls([t.denoise for t in layout.tiles], 10)
+    assert counts["off"] == 10 * len(layout.tiles)
+    assert counts["schedule"] == expected < counts["off"]
+    assert "[Quadtree Variable Denoise]: Loaded sigmas from store, length=11" in caplog.text
+    assert "[Quadtree Variable Denoise]: ENABLED - Tiles will be denoised adaptively (mode=schedule)" in caplog.text
+    assert "run done:" in caplog.text
+
+
+def test_scale_mode_takes_alpha_times_the_step(pack, fx, local, source):
+    """Single tile covering the canvas with d = 0.4: equals the untiled model with the same alpha
+    applied by a plain wrapper as x0' = x + alpha (x0 - x)."""
+    vd = pack.variable_denoise
+    d = 0.4
+    flat = torch.full((1, 256, 384, 3), 0.5)
+    layout = layout_for(pack, fx, flat, d, d)
+    assert len(layout.tiles) == 1
+    pos, neg = conds(fx)
+    steps = 5
+    a = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, variable_denoise="scale"), pos, neg, source,
+                        steps=steps, denoise=0.8)
+
+    state = {"i": 0}
+
+    def plain_alpha(apply_model, args):
+        x = args["input"]
+        x0 = apply_model(x, args["timestep"], **args["c"])
+        alpha = vd.scale_alpha(d, vd.progress(state["i"], steps))
+        state["i"] += 1
+        return x + alpha * (x0 - x)
+
+    ref_model = local.clone()
+    ref_model.set_model_unet_function_wrapper(plain_alpha)
+    b = fx.run_ksampler(ref_model, pos, neg, source, steps=steps, denoise=0.8)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    # x0' = x + alpha (x0 - x) keeps the latent's level; scaling x0 itself (x0' = alpha x0, the
+    # mistake this mode must not make) drags it towards zero: grey, washed-out tiles
+    state["i"] = 0
+
+    def wrong_scaling(apply_model, args):
+        x0 = apply_model(args["input"], args["timestep"], **args["c"])
+        alpha = vd.scale_alpha(d, vd.progress(state["i"], steps))
+        state["i"] += 1
+        return alpha * x0
+
+    wrong_model = local.clone()
+    wrong_model.set_model_unet_function_wrapper(wrong_scaling)
+    wrong = fx.run_ksampler(wrong_model, pos, neg, source, steps=steps, denoise=0.8)
+    assert float(a.abs().mean()) > float(wrong.abs().mean())
+
+
+def test_scale_mode_logs_smooth_scaling_once(pack, fx, local, photo, source, caplog):
+    layout = layout_for(pack, fx, photo, 0.2, 0.8)
+    pos, neg = conds(fx)
+    with caplog.at_level(logging.INFO):
+        fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, variable_denoise="scale"), pos, neg, source,
+                        steps=4, denoise=0.8)
+    assert caplog.text.count("[Quadtree Variable Denoise]: SMOOTH SCALING - tile_denoise=0.200, progress=0.000, "
+                             "start_scale=0.750, scale=0.750") == 1
+
+
+def test_runs_do_not_share_state(pack, fx, local, photo, source):
+    """Two different settings run one after the other give what each gives alone."""
+    layout = layout_for(pack, fx, photo, 0.2, 0.8)
+    pos, neg = conds(fx)
+    m1 = tiled(pack, fx, local, quadtree=layout, variable_denoise="schedule")
+    m2 = tiled(pack, fx, local, quadtree=layout, variable_denoise="scale", method="SpotDiffusion")
+    a1 = fx.run_ksampler(m1, pos, neg, source, steps=6, denoise=0.8)
+    b1 = fx.run_ksampler(m2, pos, neg, source, steps=4, denoise=0.6)
+    a2 = fx.run_ksampler(m1, pos, neg, source, steps=6, denoise=0.8)
+    b2 = fx.run_ksampler(m2, pos, neg, source, steps=4, denoise=0.6)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
