@@ -8,6 +8,7 @@ import torch
 import comfy.patcher_extension
 
 from . import quadtree as qt
+from .tile_control import TileControl
 from .tiled_diffusion import TileConfig, TiledDiffusion
 from .utils import METHODS, SHIFT_METHODS, SPOT_KEY, WRAPPER_KEY
 from .variable_denoise import MODES
@@ -96,12 +97,12 @@ class QuadtreeVisualizer:
                                      min_denoise, max_denoise) for img in image]
         drawn = torch.stack([draw_layout(img, lay, line_thickness) for img, lay in zip(image, layouts)])
         first = layouts[0]
-        if any(lay.tiles != first.tiles for lay in layouts[1:]):
-            log.info("[Quadtree Diffusion] QuadtreeVisualizer: %d images gave different layouts; "
-                     "the layout of the first image is used for every batch item", len(layouts))
-        log.info("[Quadtree Diffusion] quadtree of %dx%dpx: %d tiles %s, denoise %.2f to %.2f", first.width,
-                 first.height, len(first.tiles), first.size_histogram(), *first.denoise_range)
-        return (drawn, first)
+        differ = any(lay.tiles != first.tiles for lay in layouts[1:])
+        log.info("[Quadtree Diffusion] quadtree of %dx%dpx: %d tiles %s, denoise %.2f to %.2f%s", first.width,
+                 first.height, len(first.tiles), first.size_histogram(), *first.denoise_range,
+                 f" (one layout per image for {len(layouts)} images)" if differ else "")
+        # One layout when the batch agrees; otherwise one per image, matched to the latent batch items.
+        return (drawn, tuple(layouts) if differ else first)
 
 
 class QuadtreeDiffusion:
@@ -162,8 +163,11 @@ class QuadtreeDiffusion:
             raise ValueError(f"method: '{method}' is not one of {', '.join(METHODS)}")
         if variable_denoise not in MODES:
             raise ValueError(f"variable_denoise: '{variable_denoise}' is not one of {', '.join(MODES)}")
-        if quadtree is not None and not isinstance(quadtree, qt.Layout):
+        layouts = quadtree if isinstance(quadtree, (tuple, list)) else (quadtree,)
+        if quadtree is not None and not all(isinstance(lay, qt.Layout) for lay in layouts):
             raise ValueError("quadtree: expected the QUADTREE output of Quadtree Visualizer")
+        if isinstance(quadtree, list):
+            quadtree = tuple(quadtree)
         cfg = TileConfig(method=method, enable_overlap=bool(enable_overlap), tile_overlap=int(tile_overlap),
                          tile_batch_size=int(tile_batch_size), skip_below=int(skip_diffusion_below),
                          variable_denoise=variable_denoise, tile_width=int(tile_width),
@@ -176,7 +180,8 @@ class QuadtreeDiffusion:
         engine = TiledDiffusion(cfg, inner)
         m.set_model_unet_function_wrapper(engine)
         for kind, fn in ((comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, engine.sampler_sample),
-                         (comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, engine.prepare_sampling)):
+                         (comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, engine.prepare_sampling),
+                         (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TileControl(engine).calc_cond_batch)):
             m.remove_wrappers_with_key(kind, WRAPPER_KEY)
             m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
         return (m,)

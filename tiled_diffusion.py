@@ -50,7 +50,19 @@ class TileConfig:
     variable_denoise: str = "schedule"
     tile_width: int = 1024
     tile_height: int = 1024
-    layout: qt.Layout | None = None
+    layout: qt.Layout | tuple | None = None   # one layout, or one per batch item (IMAGE batch)
+
+    @property
+    def layouts(self) -> tuple:
+        """The layouts as a tuple: (None,) for a grid, one entry per batch item for a batch."""
+        if isinstance(self.layout, (tuple, list)):
+            return tuple(self.layout)
+        return (self.layout,)
+
+    @property
+    def denoise_range(self) -> tuple[float, float]:
+        ranges = [lay.denoise_range for lay in self.layouts if lay is not None] or [(1.0, 1.0)]
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
 @dataclass(frozen=True)
@@ -333,9 +345,11 @@ class Plan:
 
 
 def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, device, dtype,
-             check_aspect: bool = True) -> Plan:
-    """Build the plan of a canvas; a layout from an image of another size is scaled to it."""
-    layout = cfg.layout
+             check_aspect: bool = True, item: int = 0) -> Plan:
+    """Build the plan of a canvas (for batch item ``item`` when the config holds one layout per
+    item); a layout from an image of another size is scaled to it."""
+    layouts = cfg.layouts
+    layout = layouts[item if item < len(layouts) else 0]
     if layout is not None:
         mismatch = qt.aspect_mismatch(layout, W, H)
         if check_aspect and mismatch > ASPECT_TOLERANCE:
@@ -357,7 +371,7 @@ class RunState:
     source: torch.Tensor | None
     canvas: tuple
     step: int = 0
-    plan: Plan | None = None
+    plans: dict = field(default_factory=dict)     # batch item -> Plan
     spot: tuple = ()
     batch: int = 0
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
@@ -420,9 +434,10 @@ class TiledDiffusion:
             base = model.model
             c, a = latent_compression(base), latent_patch_size(base)
             H, W = int(noise_shape[-2]), int(noise_shape[-1])
-            plan = plan_for(self.cfg, H, W, c, a, "cpu", torch.float32)
-            h = max(w.size[0] for w in plan.windows)
-            w = max(w.size[1] for w in plan.windows)
+            plans = [plan_for(self.cfg, H, W, c, a, "cpu", torch.float32, item=i)
+                     for i in range(len(self.cfg.layouts))]
+            h = max(w.size[0] for plan in plans for w in plan.windows)
+            w = max(w.size[1] for plan in plans for w in plan.windows)
             k = self.cfg.tile_batch_size or 1
             k = min(k, len(plan.windows))
             noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
@@ -439,7 +454,7 @@ class TiledDiffusion:
             return
         if cfg.variable_denoise != "off" and cfg.layout is not None:
             log.info("%s Loaded sigmas from store, length=%d", PV, len(run.sigmas))
-            lo, hi = cfg.layout.denoise_range
+            lo, hi = cfg.denoise_range
             log.info("%s Denoise range: %.3f to %.3f", PV, lo, hi)
             log.info("%s ENABLED - Tiles will be denoised adaptively (mode=%s)", PV, cfg.variable_denoise)
         if cfg.skip_below > 0 and run.source is not None and not bool(torch.count_nonzero(run.source)):
@@ -466,13 +481,35 @@ class TiledDiffusion:
         canvas = run.canvas if run is not None else (H, W)
         if (H, W) != tuple(canvas):
             return self._area_call(apply_model, x, t, c, cou, n_chunks, base, run)
-        plan = self._plan(run, H, W, base, x)
-        step, n = self._step(run, t, to)
-        coeffs = [vd.tile_coefficients(self.cfg.variable_denoise if plan_has_levels(self.cfg) else "off",
-                                       d, sk, step, n) for d, sk in plan.levels]
         src = run.source if run is not None else None
         if src is not None and not _source_fits(src, x, n_chunks):
             src = None
+        items = len(self.cfg.layouts)
+        if items == 1:
+            return self._call_item(apply_model, x, t, c, cou, n_chunks, run, base, src, 0)
+        B = x.shape[0] // n_chunks
+        if B != items:
+            raise ValueError(f"quadtree: {items} layouts (one per image of the IMAGE batch) but the latent batch "
+                             f"is {B}; encode the same image batch you gave QuadtreeVisualizer, or give it one "
+                             f"image")
+        out = torch.empty_like(x)
+        for b in range(B):
+            rows = torch.arange(n_chunks, device=x.device) * B + b
+            xb = x.index_select(0, rows)
+            tb = t.index_select(0, rows) if t.ndim > 0 and t.shape[0] == x.shape[0] else t
+            cb = select_rows(c, rows, x.shape[0])
+            sb = None if src is None else src[b:b + 1] if src.shape[0] == B else src
+            out[rows] = self._call_item(apply_model, xb, tb, cb, cou, n_chunks, run, base, sb, b)
+        return out
+
+    def _call_item(self, apply_model, x, t, c, cou, n_chunks, run, base, src, item):
+        """One model call on the full canvas with one layout."""
+        to = c.get("transformer_options", {})
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        plan = self._plan(run, H, W, base, x, item)
+        step, n = self._step(run, t, to)
+        coeffs = [vd.tile_coefficients(self.cfg.variable_denoise if plan_has_levels(self.cfg) else "off",
+                                       d, sk, step, n) for d, sk in plan.levels]
         if src is None and any(a != 1.0 or b != 1.0 for a, b in coeffs):
             if run is None or run.once("nosrc"):
                 log.warning("%s WARNING - No sigmas in store, variable denoise will NOT work "
@@ -524,25 +561,28 @@ class TiledDiffusion:
         return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
 
     # ---- helpers
-    def _plan(self, run, H, W, base, x) -> Plan:
-        if run is not None and run.plan is not None:
-            return run.plan
-        key = (H, W, str(x.device), x.dtype)
+    def _plan(self, run, H, W, base, x, item=0) -> Plan:
+        if run is not None and item in run.plans:
+            return run.plans[item]
+        key = (H, W, str(x.device), x.dtype, item)
         plan = self._plans.get(key)
         if plan is None:
-            plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype)
+            plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype,
+                            item=item)
             if len(self._plans) >= 4:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         if run is not None:
-            run.plan = plan
-            self._log_plan(plan, run)
+            run.plans[item] = plan
+            self._log_plan(plan, run, item)
         return plan
 
-    def _log_plan(self, plan: Plan, run: RunState):
+    def _log_plan(self, plan: Plan, run: RunState, item: int = 0):
         cfg = self.cfg
         k = cfg.tile_batch_size or "auto"
         mode = "quadtree" if cfg.layout is not None else "grid"
+        if len(cfg.layouts) > 1:
+            mode += f" (batch item {item})"
         log.info("%s %s %s on a %dx%d latent: %s, tile batch %s, overlap %s", P, cfg.method, mode,
                  plan.W, plan.H, plan.describe(), k,
                  f"{cfg.tile_overlap}px" if cfg.enable_overlap and not plan.spot else "off")
@@ -657,6 +697,17 @@ def auto_batch_size(base, x, n_chunks: int, size) -> int:
         return int(max(1, min(64, 0.8 * free // per_tile)))
     except Exception:
         return 4
+
+
+def select_rows(v, rows: torch.Tensor, N: int):
+    """The model kwargs restricted to some rows of the batch (tensors of batch N, recursively)."""
+    if torch.is_tensor(v):
+        return v.index_select(0, rows.to(v.device)) if v.ndim > 0 and v.shape[0] == N else v
+    if isinstance(v, dict):
+        return {k: (vv if k == "transformer_options" else select_rows(vv, rows, N)) for k, vv in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(select_rows(e, rows, N) for e in v)
+    return v
 
 
 def _source_fits(src: torch.Tensor, x: torch.Tensor, n_chunks: int) -> bool:
