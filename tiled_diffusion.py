@@ -218,6 +218,7 @@ class Plan:
         self.weights = [window_weight("MultiDiffusion" if self.spot else cfg.method, *w.size,
                                       device=device, dtype=dtype) for w in self.windows]
         self._norm_cache: dict = {}
+        self._maps_cache: dict = {}
         self.level_maps = self._level_maps()
         self.level_ids = self._level_id_map() if self.spot else None
         self.periods = self._spot_periods() if self.spot else (0, 0)
@@ -312,6 +313,27 @@ class Plan:
         if len(self._norm_cache) < 64:
             self._norm_cache[evaluated] = out
         return out
+
+    def activity_maps(self, coeffs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, beta) = (sum_l a_l W_l, sum_l b_l W_l) for per-level coefficients (a_l, b_l).
+
+        Host floats times device maps: no host-to-device copy; cached per coefficient set
+        (schedule mode has a handful, scale mode one per step).
+        """
+        key = tuple(coeffs)
+        hit = self._maps_cache.get(key)
+        if hit is not None:
+            return hit
+        A = torch.zeros(self.H, self.W, device=self.device, dtype=self.dtype)
+        beta = torch.zeros_like(A)
+        for lvl, (a, b) in enumerate(coeffs):
+            if a:
+                A.add_(self.level_maps[lvl], alpha=a)
+            if b:
+                beta.add_(self.level_maps[lvl], alpha=b)
+        if len(self._maps_cache) < 64:
+            self._maps_cache[key] = (A, beta)
+        return A, beta
 
     def groups(self, evaluated) -> list[list[int]]:
         """Evaluated window indices grouped by window size (batchable together)."""
@@ -550,10 +572,7 @@ class TiledDiffusion:
                                    plan.normalized(evaluated), run)
         if all(a == 1.0 and b == 1.0 for a, b in coeffs):
             return blend
-        A = torch.einsum("l,lhw->hw", torch.tensor([a for a, _ in coeffs], device=x.device, dtype=x.dtype),
-                         plan.level_maps)
-        beta = torch.einsum("l,lhw->hw", torch.tensor([b for _, b in coeffs], device=x.device, dtype=x.dtype),
-                            plan.level_maps)
+        A, beta = plan.activity_maps(coeffs)
         B = x.shape[0] // n_chunks
         xv = x.reshape(n_chunks, B, *x.shape[1:])
         mv = blend.reshape(n_chunks, B, *x.shape[1:])
