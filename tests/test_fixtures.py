@@ -50,17 +50,19 @@ def test_tiny_sd15_step_is_finite_deterministic_and_fast():
     cond = fx.tiny_conditioning("a photo of a cat")
     x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
     out = _apply(m, x, 5.0, cond)  # warm-up
+    # CPU time (all threads), best of 3: robust when the machine is shared with other jobs.
+    # "Well under a second on 2 cores" means < 1 s wall, i.e. < 2 CPU-seconds; typical is ~0.3.
     timings = []
-    for _ in range(3):  # best of 3: the machine may be shared with other jobs
-        t0 = time.perf_counter()
+    for _ in range(3):
+        t0 = time.process_time()
         out = _apply(m, x, 5.0, cond)
-        timings.append(time.perf_counter() - t0)
-    elapsed = min(timings)
+        timings.append(time.process_time() - t0)
+    cpu_seconds = min(timings)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert out.std() > 0
     assert torch.equal(out, _apply(fx.tiny_sd15(0), x, 5.0, cond)), "same seed, same weights"
     assert not torch.equal(out, _apply(fx.tiny_sd15(1), x, 5.0, cond)), "seed changes the weights"
-    assert elapsed < 1.0, f"64x64 latent step took {elapsed:.2f}s"
+    assert cpu_seconds < 2.0, f"64x64 latent step took {cpu_seconds:.2f} CPU-seconds"
 
 
 @pytest.mark.parametrize("factory", [fx.local_model, fx.tiny_sd15], ids=["local", "tiny_sd15"])
@@ -272,9 +274,16 @@ def test_fixture_nodes_package_in_process(tmp_path):
 
     link = tmp_path / "qtd_test_fixture_nodes"
     link.symlink_to(os.path.join(fx.TESTS_DIR, "fixture_nodes"), target_is_directory=True)
-    spec = importlib.util.spec_from_file_location(str(link).replace(".", "_x_"), str(link / "__init__.py"))
+    # the way ComfyUI's nodes.load_custom_node imports a custom node folder
+    name = str(link).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, str(link / "__init__.py"))
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
     loader = mod.NODE_CLASS_MAPPINGS["QTDTestCheckpointLoader"]
     assert loader.INPUT_TYPES()["required"]["kind"][0] == ["tiny_sd15", "local", "local_inpaint"]
     model, clip, vae = fx.call_node(loader, kind="local", seed=3)

@@ -1,0 +1,167 @@
+"""End to end through a REAL ComfyUI server (tests/server.py) with the pack installed in
+custom_nodes under a folder name that is not a Python identifier."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qtd_fixtures as fx
+from qtd_server import PromptRejected
+
+pytestmark = pytest.mark.slow
+
+CATEGORY = "sampling/tiled_diffusion"
+EXPECTED_ORDER = {
+    "QuadtreeVisualizer": {
+        "required": ["image", "content_threshold", "min_tile_size", "min_denoise", "max_denoise",
+                     "line_thickness", "max_tile_size"],
+    },
+    "QuadtreeDiffusion": {
+        "required": ["model", "method", "enable_overlap", "tile_overlap", "tile_batch_size",
+                     "skip_diffusion_below", "variable_denoise", "tile_width", "tile_height"],
+        "optional": ["quadtree"],
+    },
+    "SpotDiffusionParams_QuadtreeDiffusion": {
+        "required": ["model", "shift_method", "seed"],
+    },
+}
+PROMPT_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+def widget_defaults(object_info, class_type):
+    """Default values of a node's widget inputs, as the frontend would fill them in."""
+    out = {}
+    for section in ("required", "optional"):
+        for name, spec in object_info[class_type]["input"].get(section, {}).items():
+            kind = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if isinstance(kind, list):
+                out[name] = opts.get("default", kind[0] if kind else None)
+            elif kind == "COMBO":
+                out[name] = opts.get("default", opts.get("options", [None])[0])
+            elif "default" in opts:
+                out[name] = opts["default"]
+    return out
+
+
+def node(object_info, class_type, **inputs):
+    return {"class_type": class_type, "inputs": {**widget_defaults(object_info, class_type), **inputs}}
+
+
+def read_png(path):
+    assert os.path.isfile(path), path
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def input_order(info, section):
+    order = info.get("input_order", {}).get(section)
+    return order if order is not None else list(info["input"].get(section, {}))
+
+
+# --------------------------------------------------------------------------------------------
+
+def test_pack_nodes_registered_with_category_tooltips_and_input_order(object_info):
+    for class_type, expected in EXPECTED_ORDER.items():
+        assert class_type in object_info, f"{class_type} missing from /object_info"
+        info = object_info[class_type]
+        assert info["category"] == CATEGORY, (class_type, info["category"])
+        for section in ("required", "optional"):
+            assert input_order(info, section) == expected.get(section, []), (class_type, section)
+            for name, spec in info["input"].get(section, {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                assert opts.get("tooltip"), f"{class_type}.{name} has no tooltip"
+
+
+def test_pack_loaded_from_a_dashed_folder(comfy_server, object_info):
+    link = os.path.join(comfy_server.custom_nodes_dir, "quadtree-diffusion")
+    assert os.path.islink(link) and os.path.realpath(link) == os.path.realpath(fx.REPO_ROOT)
+    assert sorted(os.listdir(comfy_server.custom_nodes_dir)) == ["qtd_test_fixture_nodes", "quadtree-diffusion"]
+    log = comfy_server.log_text()
+    assert "IMPORT FAILED" not in log, log[-4000:]
+    assert object_info["QuadtreeDiffusion"]["python_module"].startswith("custom_nodes.")
+    assert "QTDTestCheckpointLoader" in object_info
+
+
+def test_txt2img_grid_workflow(comfy_server, object_info):
+    oi = object_info
+    prompt = {
+        "1": node(oi, "QTDTestCheckpointLoader", kind="local", seed=0),
+        "2": node(oi, "QTDTestConditioning", text="a sunny beach with palm trees"),
+        "3": node(oi, "QTDTestConditioning", text="blurry, low quality"),
+        "4": node(oi, "QuadtreeDiffusion", model=["1", 0], method="Mixture of Diffusers",
+                  tile_width=256, tile_height=256, tile_overlap=64, tile_batch_size=4),
+        "5": node(oi, "EmptyLatentImage", width=512, height=384, batch_size=1),
+        "6": node(oi, "KSampler", model=["4", 0], seed=42, steps=4, cfg=7.0, sampler_name="euler",
+                  scheduler="normal", positive=["2", 0], negative=["3", 0], latent_image=["5", 0], denoise=1.0),
+        "7": node(oi, "VAEDecode", samples=["6", 0], vae=["1", 2]),
+        "8": node(oi, "SaveImage", images=["7", 0], filename_prefix="qtd_txt2img"),
+    }
+    history = comfy_server.run(prompt, timeout=PROMPT_TIMEOUT)
+    assert history["status"]["status_str"] == "success"
+    paths = comfy_server.output_images(history)
+    assert len(paths) == 1 and paths[0].endswith(".png")
+    assert os.path.dirname(paths[0]) == comfy_server.output_dir
+    img = read_png(paths[0])
+    assert img.shape == (384, 512, 3)
+    assert img.std() > 1.0, "the decoded image is (nearly) constant"
+
+
+def test_img2img_quadtree_workflow(comfy_server, object_info):
+    oi = object_info
+    photo = fx.synthetic_photo(512, 512, seed=0)
+    fx.save_image(photo, os.path.join(comfy_server.input_dir, "qtd_photo.png"))
+    prompt = {
+        "1": node(oi, "QTDTestCheckpointLoader", kind="local", seed=0),
+        "2": node(oi, "QTDTestConditioning", text="a landscape photo"),
+        "3": node(oi, "QTDTestConditioning", text="blurry"),
+        "10": node(oi, "LoadImage", image="qtd_photo.png"),
+        "11": node(oi, "QuadtreeVisualizer", image=["10", 0], content_threshold=25.0, min_tile_size=64,
+                   min_denoise=0.2, max_denoise=0.8, line_thickness=2, max_tile_size=512),
+        "12": node(oi, "QuadtreeDiffusion", model=["1", 0], method="Mixture of Diffusers",
+                   tile_overlap=32, tile_batch_size=4, quadtree=["11", 1]),
+        "13": node(oi, "VAEEncode", pixels=["10", 0], vae=["1", 2]),
+        "14": node(oi, "KSampler", model=["12", 0], seed=7, steps=4, cfg=7.0, sampler_name="euler",
+                   scheduler="normal", positive=["2", 0], negative=["3", 0], latent_image=["13", 0], denoise=0.6),
+        "15": node(oi, "VAEDecode", samples=["14", 0], vae=["1", 2]),
+        "16": node(oi, "SaveImage", images=["15", 0], filename_prefix="qtd_img2img"),
+        "17": node(oi, "SaveImage", images=["11", 0], filename_prefix="qtd_quadtree"),
+    }
+    history = comfy_server.run(prompt, timeout=PROMPT_TIMEOUT)
+    result = comfy_server.output_images(history, "16")
+    layout = comfy_server.output_images(history, "17")
+    assert len(result) == 1 and len(layout) == 1
+    out = read_png(result[0])
+    vis = read_png(layout[0])
+    src = read_png(os.path.join(comfy_server.input_dir, "qtd_photo.png"))
+    assert out.shape == (512, 512, 3) and vis.shape == (512, 512, 3)
+    assert out.std() > 1.0
+    assert not np.array_equal(vis, src), "the visualizer drew no tile borders"
+    # img2img at denoise <= 0.8 keeps the picture's coarse structure: sky stays brighter than ground
+    assert out[:128].mean() > out[-128:].mean() - 40
+
+
+def test_invalid_inputs_are_rejected_with_a_readable_error(comfy_server, object_info):
+    oi = object_info
+    fx.save_image(fx.synthetic_photo(64, 64), os.path.join(comfy_server.input_dir, "qtd_small.png"))
+    prompt = {
+        "1": node(oi, "LoadImage", image="qtd_small.png"),
+        "2": node(oi, "QuadtreeVisualizer", image=["1", 0], min_denoise=0.9, max_denoise=0.1),
+        "3": node(oi, "PreviewImage", images=["2", 0]),
+    }
+    with pytest.raises(PromptRejected) as err:
+        comfy_server.queue(prompt)
+    text = str(err.value)
+    assert "QuadtreeVisualizer" in text and "min_denoise" in text, text
+
+
+def test_interrupt_answers_when_idle(comfy_server):
+    r = comfy_server.post("/interrupt", json={})
+    assert r.status_code == 200 and r.content == b""
+    comfy_server.interrupt()
+    assert comfy_server.alive()
