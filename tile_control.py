@@ -206,22 +206,26 @@ def canvas_hint(control, H: int, W: int, device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- per-tile copies
 
-def tiled_copy(control, t, tb, per_tile: int, device):
+def tiled_copy(control, t, tb, per_tile: int, device, items=None):
     """A shallow copy of ``control`` (and of its chain) whose hint is the tile batch's crops.
 
     A shallow ``copy.copy`` keeps everything ``pre_run`` set on the original (the control model,
     ``timestep_range``, ``model_sampling_current``, dtype) which ``control.copy()`` would drop.
+    ``items``: the canvas batch items the tile rows belong to (None: all, in order).
     Inactive controls (outside their timestep range) get no hint: get_control skips them first.
     """
     c = copy.copy(control)
     prev = getattr(control, "previous_controlnet", None)
-    c.previous_controlnet = tiled_copy(prev, t, tb, per_tile, device) if prev is not None else None
+    c.previous_controlnet = tiled_copy(prev, t, tb, per_tile, device, items) if prev is not None else None
     kind = _kind(control)
     if kind == "t2i":
         c.control_input = None
     if not _active(control, t) or getattr(control, "cond_hint_original", None) is None:
         return c
     full = canvas_hint(control, tb.H, tb.W, device)
+    if items is not None and full.shape[0] > 1:
+        # the hint images these batch items get in a full-batch call (broadcast_image_to cycles them)
+        full = full[[b % full.shape[0] for b in items]]
     crops = tile_hint_batch(full, tb.windows, tb.H, tb.W, per_tile, tb.shift)
     if kind == "other":
         c.cond_hint_original = crops
@@ -238,12 +242,24 @@ def tiled_copy(control, t, tb, per_tile: int, device):
 class DeferredControl:
     """What ``get_control`` returns while tiling: control is computed per tile batch by the engine."""
 
-    __slots__ = ("control", "batched_number", "transformer_options")
+    __slots__ = ("control", "batched_number", "transformer_options", "items")
 
-    def __init__(self, control, batched_number, transformer_options):
+    def __init__(self, control, batched_number, transformer_options, items=None):
         self.control = control
         self.batched_number = batched_number
         self.transformer_options = transformer_options
+        self.items = items          # batch items of the canvas call these rows are (None: all)
+
+    def select_rows(self, rows, N: int):
+        """The marker for a subset of the call's rows (the engine runs batch items one by one when
+        each has its own layout): remembers which batch items, so each keeps its own hint image."""
+        n = max(1, self.batched_number)
+        B = max(1, N // n)
+        r = [int(i) for i in (rows.tolist() if torch.is_tensor(rows) else rows)]
+        items = [i % B for i in r[:max(1, len(r) // n)]]
+        if self.items is not None:
+            items = [self.items[i] for i in items]
+        return DeferredControl(self.control, self.batched_number, self.transformer_options, tuple(items))
 
     def tile_control(self, xt, tt, ct, tb):
         """Control for the tile batch ``xt`` (rows ``[chunk][tile][batch item]``).
@@ -254,7 +270,7 @@ class DeferredControl:
         n_chunks = tb.n_chunks
         k = len(tb.windows)
         per_tile = max(1, xt.shape[0] // (n_chunks * k))
-        c = tiled_copy(self.control, tt, tb, per_tile, xt.device)
+        c = tiled_copy(self.control, tt, tb, per_tile, xt.device, self.items)
         to = ct.get("transformer_options", self.transformer_options) if isinstance(ct, dict) else self.transformer_options
         return c.get_control(xt, tt, ct, n_chunks, to)
 

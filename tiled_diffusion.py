@@ -720,6 +720,8 @@ def auto_batch_size(base, x, n_chunks: int, size) -> int:
 
 def select_rows(v, rows: torch.Tensor, N: int):
     """The model kwargs restricted to some rows of the batch (tensors of batch N, recursively)."""
+    if hasattr(v, "select_rows"):     # deferred per-tile control (tile_control.DeferredControl)
+        return v.select_rows(rows, N)
     if torch.is_tensor(v):
         return v.index_select(0, rows.to(v.device)) if v.ndim > 0 and v.shape[0] == N else v
     if isinstance(v, dict):

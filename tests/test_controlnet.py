@@ -418,3 +418,34 @@ def test_no_canvas_sized_control_or_tile_batch_tensors(pack, fx, sd15, cnet):
     biggest_plain = max(int(torch.tensor(s).prod()) for s in log_plain.shapes if len(s))
     print(f"largest tensor: tiled {biggest_tiled} vs untiled {biggest_plain} elements "
           f"(ratio {biggest_tiled / biggest_plain:.2f})")
+
+
+def test_per_image_layouts_take_each_items_own_hint(pack, fx, sd15, cnet):
+    """An IMAGE batch with a layout per image: the engine runs each latent batch item on its own
+    plan; every item's control must use that item's hint image."""
+    control, rec = cnet
+    flat = torch.full((1, H_PX, W_PX, 3), 0.5)
+    busy = torch.rand((1, H_PX, W_PX, 3), generator=torch.Generator().manual_seed(0))
+    _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=torch.cat([flat, busy]), content_threshold=10.0,
+                             min_tile_size=32, min_denoise=1.0, max_denoise=1.0, line_thickness=0,
+                             max_tile_size=1024)
+    assert isinstance(layout, tuple) and len(layout) == 2
+    img = gradient(2)
+    pn = with_control(conds(fx), control, img)
+    m = tiled(pack, fx, sd15, quadtree=layout, tile_overlap=0)
+    engine = m.model_options["model_function_wrapper"]
+    plans = [pack.tiled_diffusion.plan_for(engine.cfg, H_PX // 8, W_PX // 8, 8, 1, "cpu", torch.float32, item=i)
+             for i in range(2)]
+    assert len(plans[0].windows) != len(plans[1].windows)
+    rec.calls.clear()
+    out = fx.run_ksampler(m, *pn, latent(2), steps=1, cfg=5.0)
+    assert torch.isfinite(out).all()
+    hints = img.movedim(-1, 1)
+    seen = [Counter(), Counter()]
+    for _, h in rec.calls:
+        for row in h[: max(1, h.shape[0] // 2)]:          # one cond chunk
+            hits = [i for i in range(2) if window_of(row, hints[i], plans[i].windows) is not None]
+            assert len(hits) == 1, "a hint tile that is no window of its own item's image"
+            seen[hits[0]][window_of(row, hints[hits[0]], plans[hits[0]].windows)] += 1
+    for i in range(2):
+        assert seen[i] == Counter({(w.y0, w.y1, w.x0, w.x1): 1 for w in plans[i].windows})
