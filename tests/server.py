@@ -11,7 +11,10 @@ The server is ``<venv python> <ComfyUI>/main.py --cpu --listen 127.0.0.1 --port 
 ``tests/fixture_nodes`` (as ``qtd_test_fixture_nodes``). Its stdout/stderr go to ``<tmp>/server.log``.
 
 The process runs in its own process group; ``stop()`` sends SIGTERM to the group, then SIGKILL
-after a grace period. Every ComfyServer still running at interpreter exit is stopped too.
+after a grace period. Every ComfyServer still running at interpreter exit is stopped too, and on
+Linux the server gets SIGTERM if the test process itself is killed (PR_SET_PDEATHSIG).
+Every wait is bounded: startup (``startup_timeout``), each HTTP request (``request_timeout``) and
+each prompt (``wait(timeout=...)``, which interrupts the server when it expires).
 
 This file is loaded by ``tests/conftest.py`` as module ``qtd_server`` (never as ``server``:
 that name belongs to ComfyUI's own server.py).
@@ -195,7 +198,8 @@ class ComfyServer:
         self._log_file = open(self.log_path, "ab", buffering=0)
         self.proc = subprocess.Popen(
             self.command(), cwd=self.base_dir, env=env, stdin=subprocess.DEVNULL,
-            stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent)
         _LIVE.add(self)
         try:
             self._wait_ready()
@@ -359,6 +363,16 @@ def execution_error_text(entry: dict) -> str:
             if tb:
                 lines.append("".join(tb) if isinstance(tb, list) else str(tb))
     return "\n".join(lines) or json.dumps(entry.get("status", {}))[:3000]
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM it when the test process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
 
 
 def _stop_process_group(proc: subprocess.Popen, grace: float = 5.0):

@@ -164,6 +164,7 @@ def test_pack_patches_nothing_in_comfyui(tmp_path):
     assert {"QuadtreeDiffusion", "QuadtreeVisualizer", "SpotDiffusionParams_QuadtreeDiffusion"} <= set(report["nodes"])
 
 
+@pytest.mark.slow  # checks the checker (another ~10 s interpreter start); runs in `make test`
 def test_probe_catches_a_patching_pack(tmp_path):
     """Negative control: a pack that monkey-patches ComfyUI on import is reported."""
     fake = tmp_path / "evil-pack"
