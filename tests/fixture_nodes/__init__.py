@@ -82,3 +82,13 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "QTDTestCheckpointLoader": "QTD Test Checkpoint Loader",
     "QTDTestConditioning": "QTD Test Conditioning",
 }
+
+# Extra fixture nodes kept in their own files (ControlNet for the Tile-ControlNet example
+# workflow's test; a model that really denoises, for the demo).
+from .controlnet_fixture import NODE_CLASS_MAPPINGS as _CN_NODES, NODE_DISPLAY_NAME_MAPPINGS as _CN_NAMES  # noqa: E402
+from .denoiser_fixture import NODE_CLASS_MAPPINGS as _DN_NODES, NODE_DISPLAY_NAME_MAPPINGS as _DN_NAMES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_CN_NODES)
+NODE_CLASS_MAPPINGS.update(_DN_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_CN_NAMES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_DN_NAMES)

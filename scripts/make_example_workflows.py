@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Write the shipped example workflows, each in both of ComfyUI's formats, from one description.
+
+    python scripts/make_example_workflows.py        # rewrites example_workflows/
+
+* ``example_workflows/<name>.json``: the UI (litegraph) format the frontend saves and loads by
+  drag-and-drop; ComfyUI's template browser lists exactly the ``*.json`` files directly in this
+  folder of a custom node pack (``app/custom_node_manager.py``: ``*/example_workflows/*.json``).
+* ``example_workflows/api/<name>.json``: the API format of the same graph (what ``POST /prompt``
+  takes; the frontend's "Export (API)"). In a subfolder, so the template browser does not list it.
+
+Widget values are given per input name and written in the order of the node's inputs (what
+``/object_info`` reports as ``input_order``); ``KSampler``'s ``seed`` is followed by the
+frontend's ``control_after_generate`` value ("fixed") in the UI format only, and so is every INT
+widget named ``seed`` (the frontend adds that control to such widgets by name). ``tests/test_example_workflows.py``
+checks every file against a running server's ``/object_info`` and runs the API forms.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+OUT = os.path.join(REPO, "example_workflows")
+
+# Widget inputs per node type, in input order (links are declared separately).
+WIDGETS = {
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "CLIPTextEncode": ["text"],
+    "LoadImage": ["image"],
+    "ImageScaleBy": ["upscale_method", "scale_by"],
+    "QuadtreeVisualizer": ["content_threshold", "min_tile_size", "min_denoise", "max_denoise",
+                           "line_thickness", "max_tile_size"],
+    "VAEEncodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
+    "VAEDecodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
+    "QuadtreeDiffusion": ["method", "enable_overlap", "tile_overlap", "tile_batch_size",
+                          "skip_diffusion_below", "variable_denoise", "tile_width", "tile_height"],
+    "SpotDiffusionParams_QuadtreeDiffusion": ["shift_method", "seed"],
+    "KSampler": ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+    "EmptyLatentImage": ["width", "height", "batch_size"],
+    "SaveImage": ["filename_prefix"],
+    "ControlNetLoader": ["control_net_name"],
+    "ControlNetApplyAdvanced": ["strength", "start_percent", "end_percent"],
+}
+# Link inputs per node type: (name, type), in input order (optional ones last).
+INPUTS = {
+    "CheckpointLoaderSimple": [],
+    "CLIPTextEncode": [("clip", "CLIP")],
+    "LoadImage": [],
+    "ImageScaleBy": [("image", "IMAGE")],
+    "QuadtreeVisualizer": [("image", "IMAGE")],
+    "VAEEncodeTiled": [("pixels", "IMAGE"), ("vae", "VAE")],
+    "VAEDecodeTiled": [("samples", "LATENT"), ("vae", "VAE")],
+    "QuadtreeDiffusion": [("model", "MODEL"), ("quadtree", "QUADTREE")],
+    "SpotDiffusionParams_QuadtreeDiffusion": [("model", "MODEL")],
+    "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")],
+    "EmptyLatentImage": [],
+    "SaveImage": [("images", "IMAGE")],
+    "ControlNetLoader": [],
+    "ControlNetApplyAdvanced": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
+}
+OPTIONAL_INPUTS = {("QuadtreeDiffusion", "quadtree"), ("ControlNetApplyAdvanced", "vae")}
+OUTPUTS = {
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "ImageScaleBy": [("IMAGE", "IMAGE")],
+    "QuadtreeVisualizer": [("image", "IMAGE"), ("quadtree", "QUADTREE")],
+    "VAEEncodeTiled": [("LATENT", "LATENT")],
+    "VAEDecodeTiled": [("IMAGE", "IMAGE")],
+    "QuadtreeDiffusion": [("MODEL", "MODEL")],
+    "SpotDiffusionParams_QuadtreeDiffusion": [("MODEL", "MODEL")],
+    "KSampler": [("LATENT", "LATENT")],
+    "EmptyLatentImage": [("LATENT", "LATENT")],
+    "SaveImage": [],
+    "ControlNetLoader": [("CONTROL_NET", "CONTROL_NET")],
+    "ControlNetApplyAdvanced": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+}
+# Node types that ship with ComfyUI (the frontend records their origin in properties.cnr_id).
+CORE = set(WIDGETS) - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion"}
+# INT widgets the frontend follows with a control_after_generate widget: those that ask for it
+# (KSampler's seed) and, by the frontend's legacy rule, every widget named seed or noise_seed.
+SEED_WIDGETS = {"seed", "noise_seed"}
+PACK_ID = "comfyui-quadtree-tiled-diffusion"
+PACK_VERSION = "0.1.0"
+COMFY_VERSION = "0.3.75"
+
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+TILE_CN = "control_v11f1e_sd15_tile.pth"
+POSITIVE = "a detailed photograph, sharp focus, high quality"
+NEGATIVE = "blurry, lowres, jpeg artifacts, watermark, text"
+
+
+class Graph:
+    def __init__(self, name: str, title: str, description: str):
+        self.name, self.title, self.description = name, title, description
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.groups: list[dict] = []
+
+    def node(self, type_: str, pos, size, title: str | None = None, color=None, **widgets) -> int:
+        nid = len(self.nodes) + 1
+        missing = [w for w in WIDGETS[type_] if w not in widgets]
+        extra = [w for w in widgets if w not in WIDGETS[type_]]
+        if missing or extra:
+            raise ValueError(f"{type_}: missing widgets {missing}, unknown {extra}")
+        self.nodes.append(dict(id=nid, type=type_, pos=list(pos), size=list(size), title=title,
+                               color=color, widgets=dict(widgets), links_in={}, links_out={}))
+        return nid
+
+    def link(self, src: int, out_name: str, dst: int, in_name: str) -> int:
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        outs = OUTPUTS[s["type"]]
+        slot = [n for n, _ in outs].index(out_name)
+        typ = outs[slot][1]
+        ins = INPUTS[d["type"]]
+        tslot = [n for n, _ in ins].index(in_name)
+        if ins[tslot][1] != typ:
+            raise ValueError(f"link {s['type']}.{out_name} ({typ}) -> {d['type']}.{in_name} ({ins[tslot][1]})")
+        lid = len(self.links) + 1
+        self.links.append([lid, src, slot, dst, tslot, typ])
+        d["links_in"][in_name] = lid
+        s["links_out"].setdefault(slot, []).append(lid)
+        return lid
+
+    def group(self, title: str, bounding, color: str):
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding),
+                            "color": color, "font_size": 24, "flags": {}})
+
+    # ---- UI (litegraph) format
+    def _order(self) -> dict:
+        """Topological execution order, as the frontend stores it in ``order``."""
+        deps = {n["id"]: {self.links[l - 1][1] for l in n["links_in"].values()} for n in self.nodes}
+        order, done = {}, set()
+        while len(done) < len(self.nodes):
+            ready = sorted(i for i in deps if i not in done and deps[i] <= done)
+            for i in ready:
+                order[i] = len(order)
+                done.add(i)
+        return order
+
+    def ui(self) -> dict:
+        order = self._order()
+        nodes = []
+        for n in self.nodes:
+            t = n["type"]
+            inputs = []
+            for name, typ in INPUTS[t]:
+                entry = {"name": name, "type": typ, "link": n["links_in"].get(name)}
+                if (t, name) in OPTIONAL_INPUTS:
+                    entry["shape"] = 7  # how the frontend draws optional inputs
+                inputs.append(entry)
+            outputs = []
+            for slot, (name, typ) in enumerate(OUTPUTS[t]):
+                links = n["links_out"].get(slot, [])
+                o = {"name": name, "type": typ, "links": links}
+                if links:
+                    o["slot_index"] = slot
+                outputs.append(o)
+            values = []
+            for w in WIDGETS[t]:
+                values.append(n["widgets"][w])
+                if w in SEED_WIDGETS:
+                    values.append("fixed")  # the frontend's control_after_generate widget
+                if t == "LoadImage" and w == "image":
+                    values.append("image")  # the frontend's upload button widget
+            props = {"Node name for S&R": t}
+            if t in CORE:
+                props.update({"cnr_id": "comfy-core", "ver": COMFY_VERSION})
+            else:
+                props.update({"cnr_id": PACK_ID, "ver": PACK_VERSION})
+            node = {"id": n["id"], "type": t, "pos": n["pos"], "size": n["size"], "flags": {},
+                    "order": order[n["id"]], "mode": 0, "inputs": inputs, "outputs": outputs,
+                    "properties": props, "widgets_values": values}
+            if n["title"]:
+                node["title"] = n["title"]
+            if n["color"]:
+                node["color"], node["bgcolor"] = n["color"]
+            nodes.append(node)
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{PACK_ID}/{self.name}")),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": nodes,
+            "links": [list(l) for l in self.links],
+            "groups": self.groups,
+            "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [40, 60]},
+                      "info": {"name": self.title, "description": self.description}},
+            "version": 0.4,
+        }
+
+    # ---- API format
+    def api(self) -> dict:
+        out = {}
+        for n in self.nodes:
+            inputs = {}
+            t = n["type"]
+            names = [w for w in WIDGETS[t]] + [name for name, _ in INPUTS[t]]
+            for name in names:  # the frontend writes widgets and links in input order; order is cosmetic
+                if name in n["widgets"]:
+                    inputs[name] = n["widgets"][name]
+                elif name in n["links_in"]:
+                    l = self.links[n["links_in"][name] - 1]
+                    inputs[name] = [str(l[1]), l[2]]
+            out[str(n["id"])] = {"inputs": inputs, "class_type": t,
+                                 "_meta": {"title": n["title"] or DISPLAY.get(t, t)}}
+        return out
+
+
+DISPLAY = {
+    "CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+    "LoadImage": "Load Image", "ImageScaleBy": "Upscale Image By", "QuadtreeVisualizer": "Quadtree Visualizer",
+    "VAEEncodeTiled": "VAE Encode (Tiled)", "VAEDecodeTiled": "VAE Decode (Tiled)",
+    "QuadtreeDiffusion": "Quadtree Diffusion", "SpotDiffusionParams_QuadtreeDiffusion": "SpotDiffusion Parameters (Quadtree)",
+    "KSampler": "KSampler", "EmptyLatentImage": "Empty Latent Image", "SaveImage": "Save Image",
+    "ControlNetLoader": "Load ControlNet Model", "ControlNetApplyAdvanced": "Apply ControlNet",
+}
+
+VAE_TILED = dict(tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8)
+
+
+def _prompts(g: Graph, ckpt: int, x: int, y: int, positive: str = POSITIVE, negative: str = NEGATIVE):
+    pos = g.node("CLIPTextEncode", (x, y), (420, 160), title="Positive prompt", color=("#232", "#353"), text=positive)
+    neg = g.node("CLIPTextEncode", (x, y + 210), (420, 160), title="Negative prompt", color=("#322", "#533"),
+                 text=negative)
+    g.link(ckpt, "CLIP", pos, "clip")
+    g.link(ckpt, "CLIP", neg, "clip")
+    return pos, neg
+
+
+def quadtree_img2img_upscale() -> Graph:
+    g = Graph("quadtree_img2img_upscale", "Quadtree img2img upscale",
+              "Upscale a photo and re-sample it in content-adaptive quadtree tiles: flat regions get large "
+              "tiles and little denoise, detailed regions small tiles and more denoise.")
+    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SD15)
+    pos, neg = _prompts(g, ckpt, 420, 40)
+    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
+    up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
+    vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=128,
+                 min_denoise=0.2, max_denoise=0.6, line_thickness=2, max_tile_size=1024)
+    save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree visualisation",
+                      filename_prefix="quadtree/visualisation")
+    enc = g.node("VAEEncodeTiled", (760, 520), (300, 150), **VAE_TILED)
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
+                tile_width=1024, tile_height=1024)
+    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=7.0, sampler_name="euler",
+                scheduler="normal", denoise=1.0)
+    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image", filename_prefix="quadtree/upscale")
+    g.link(img, "IMAGE", up, "image")
+    g.link(up, "IMAGE", vis, "image")
+    g.link(vis, "image", save_vis, "images")
+    g.link(up, "IMAGE", enc, "pixels")
+    g.link(ckpt, "VAE", enc, "vae")
+    g.link(ckpt, "MODEL", qd, "model")
+    g.link(vis, "quadtree", qd, "quadtree")
+    g.link(qd, "MODEL", ks, "model")
+    g.link(pos, "CONDITIONING", ks, "positive")
+    g.link(neg, "CONDITIONING", ks, "negative")
+    g.link(enc, "LATENT", ks, "latent_image")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(ckpt, "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+    g.group("Quadtree from the upscaled image", (380, 440, 360, 800), "#3f789e")
+    return g
+
+
+def grid_txt2img_large() -> Graph:
+    g = Graph("grid_txt2img_large", "Large txt2img in grid tiles",
+              "Generate a 2048x1024 image with an SDXL checkpoint in 1024x1024 grid tiles blended by "
+              "Mixture of Diffusers (memory bounded by the tile batch, not the canvas).")
+    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SDXL)
+    pos, neg = _prompts(g, ckpt, 420, 40, "a wide panoramic landscape of snowy mountains above a lake at sunrise, "
+                                          "highly detailed photograph", NEGATIVE)
+    lat = g.node("EmptyLatentImage", (420, 460), (320, 110), width=2048, height=1024, batch_size=1)
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=128, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="off",
+                tile_width=1024, tile_height=1024)
+    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=25, cfg=7.0, sampler_name="dpmpp_2m",
+                scheduler="karras", denoise=1.0)
+    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    save = g.node("SaveImage", (1600, 40), (560, 360), filename_prefix="quadtree/grid_txt2img")
+    g.link(ckpt, "MODEL", qd, "model")
+    g.link(qd, "MODEL", ks, "model")
+    g.link(pos, "CONDITIONING", ks, "positive")
+    g.link(neg, "CONDITIONING", ks, "negative")
+    g.link(lat, "LATENT", ks, "latent_image")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(ckpt, "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+    return g
+
+
+def spotdiffusion_txt2img() -> Graph:
+    g = Graph("spotdiffusion_txt2img", "SpotDiffusion panorama",
+              "Generate a 3072x1024 panorama with SpotDiffusion: non-overlapping tiles shifted every step, "
+              "so seams never stay in one place (the fastest method).")
+    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SDXL)
+    pos, neg = _prompts(g, ckpt, 420, 40, "a panoramic photograph of a coastal town at golden hour, detailed",
+                        NEGATIVE)
+    lat = g.node("EmptyLatentImage", (420, 460), (320, 110), width=3072, height=1024, batch_size=1)
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="SpotDiffusion", enable_overlap=False,
+                tile_overlap=0, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="off",
+                tile_width=1024, tile_height=1024)
+    sp = g.node("SpotDiffusionParams_QuadtreeDiffusion", (880, 360), (340, 110), shift_method="random", seed=0)
+    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=25, cfg=7.0, sampler_name="euler",
+                scheduler="normal", denoise=1.0)
+    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    save = g.node("SaveImage", (1600, 40), (620, 300), filename_prefix="quadtree/spotdiffusion")
+    g.link(ckpt, "MODEL", qd, "model")
+    g.link(qd, "MODEL", sp, "model")
+    g.link(sp, "MODEL", ks, "model")
+    g.link(pos, "CONDITIONING", ks, "positive")
+    g.link(neg, "CONDITIONING", ks, "negative")
+    g.link(lat, "LATENT", ks, "latent_image")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(ckpt, "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+    return g
+
+
+def quadtree_upscale_tile_controlnet() -> Graph:
+    g = Graph("quadtree_upscale_tile_controlnet", "Quadtree upscale with a Tile ControlNet",
+              "Quadtree img2img upscale guided by a Tile ControlNet whose hint is the upscaled image itself: "
+              "each tile is steered by its own crop of the hint, so higher denoise keeps the composition.")
+    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SD15)
+    pos, neg = _prompts(g, ckpt, 420, 40)
+    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
+    up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
+    vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=128,
+                 min_denoise=0.3, max_denoise=0.75, line_thickness=2, max_tile_size=1024)
+    save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree visualisation",
+                      filename_prefix="quadtree/tile_cn_visualisation")
+    cnl = g.node("ControlNetLoader", (40, 860), (320, 60), control_net_name=TILE_CN)
+    cna = g.node("ControlNetApplyAdvanced", (880, 360), (340, 190), strength=0.6, start_percent=0.0,
+                 end_percent=0.9)
+    enc = g.node("VAEEncodeTiled", (760, 620), (300, 150), **VAE_TILED)
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
+                tile_width=1024, tile_height=1024)
+    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=7.0, sampler_name="euler",
+                scheduler="normal", denoise=1.0)
+    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image",
+                  filename_prefix="quadtree/tile_cn_upscale")
+    g.link(img, "IMAGE", up, "image")
+    g.link(up, "IMAGE", vis, "image")
+    g.link(vis, "image", save_vis, "images")
+    g.link(up, "IMAGE", enc, "pixels")
+    g.link(ckpt, "VAE", enc, "vae")
+    g.link(pos, "CONDITIONING", cna, "positive")
+    g.link(neg, "CONDITIONING", cna, "negative")
+    g.link(cnl, "CONTROL_NET", cna, "control_net")
+    g.link(up, "IMAGE", cna, "image")
+    g.link(ckpt, "MODEL", qd, "model")
+    g.link(vis, "quadtree", qd, "quadtree")
+    g.link(qd, "MODEL", ks, "model")
+    g.link(cna, "positive", ks, "positive")
+    g.link(cna, "negative", ks, "negative")
+    g.link(enc, "LATENT", ks, "latent_image")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(ckpt, "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+    return g
+
+
+WORKFLOWS = [quadtree_img2img_upscale, grid_txt2img_large, spotdiffusion_txt2img, quadtree_upscale_tile_controlnet]
+
+
+def write_all(out_dir: str = OUT) -> list[str]:
+    os.makedirs(os.path.join(out_dir, "api"), exist_ok=True)
+    written = []
+    for make in WORKFLOWS:
+        g = make()
+        for path, data in ((os.path.join(out_dir, g.name + ".json"), g.ui()),
+                           (os.path.join(out_dir, "api", g.name + ".json"), g.api())):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2)
+                f.write("\n")
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_all():
+        print(os.path.relpath(p, REPO))

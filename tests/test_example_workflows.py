@@ -1,0 +1,391 @@
+"""The shipped example workflows (``example_workflows/``) against a REAL ComfyUI server.
+
+* every UI-format workflow is checked against the server's ``/object_info``: every node type is
+  known, the widget values line up with the node's widget inputs (in input order, with the
+  frontend's extra ``control_after_generate`` / upload values) and lie in range or in the combo
+  list (model and image file names are free strings: no weights or inputs exist here), every
+  link is type-correct on both ends and every required link input is connected;
+* the API form of each workflow is the same graph as its UI form;
+* ComfyUI's template browser lists exactly the UI forms (``GET /workflow_templates``) and serves
+  them (``/api/workflow_templates/<pack folder>/<name>.json``);
+* every API form runs (``POST /prompt``) with fixture nodes standing in for the checkpoint and
+  ControlNet loaders and with CPU-sized canvases and step counts, and the engine's log shows that
+  the sampling was tiled.
+"""
+import copy
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qtd_fixtures as fx
+
+pytestmark = pytest.mark.slow
+
+REPO = fx.REPO_ROOT
+WF_DIR = os.path.join(REPO, "example_workflows")
+UI_FILES = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
+NAMES = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
+EXPECTED = {"quadtree_img2img_upscale", "grid_txt2img_large", "spotdiffusion_txt2img",
+            "quadtree_upscale_tile_controlnet"}
+PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+SEED_WIDGETS = ("seed", "noise_seed")     # the frontend adds control_after_generate to these by name
+FILE_COMBOS = {"ckpt_name", "control_net_name", "image", "vae_name", "lora_name", "unet_name"}
+PROMPT_TIMEOUT = 300
+RUN_DONE = re.compile(r"\[Quadtree Diffusion\] run done: (\d+) model calls, (\d+) tile evaluations")
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def api_path(name):
+    return os.path.join(WF_DIR, "api", name + ".json")
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+# --------------------------------------------------------------------------- validation
+
+def input_specs(info: dict) -> list:
+    """[(name, type, options, required)] in the node's input order (required first)."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    out = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            spec = info["input"][section][name]
+            typ = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            out.append((name, typ, opts, section == "required"))
+    return out
+
+
+def is_widget(typ) -> bool:
+    return isinstance(typ, list) or typ in PRIMITIVES
+
+
+def check_value(node_label, name, typ, opts, value) -> list:
+    errs = []
+    where = f"{node_label}.{name}={value!r}"
+    if isinstance(typ, list) or typ == "COMBO":
+        choices = typ if isinstance(typ, list) else opts.get("options", [])
+        if name in FILE_COMBOS:
+            if not isinstance(value, str) or not value:
+                errs.append(f"{where}: expected a file name")
+        elif value not in choices:
+            errs.append(f"{where}: not one of {choices}")
+    elif typ == "INT":
+        if not isinstance(value, int) or isinstance(value, bool):
+            errs.append(f"{where}: expected an int")
+        elif not opts.get("min", -2 ** 63) <= value <= opts.get("max", 2 ** 64):
+            errs.append(f"{where}: outside [{opts.get('min')}, {opts.get('max')}]")
+    elif typ == "FLOAT":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            errs.append(f"{where}: expected a number")
+        elif not opts.get("min", -float("inf")) <= value <= opts.get("max", float("inf")):
+            errs.append(f"{where}: outside [{opts.get('min')}, {opts.get('max')}]")
+    elif typ == "BOOLEAN":
+        if not isinstance(value, bool):
+            errs.append(f"{where}: expected a boolean")
+    elif typ == "STRING":
+        if not isinstance(value, str):
+            errs.append(f"{where}: expected a string")
+    return errs
+
+
+def validate_ui(wf: dict, object_info: dict) -> list:
+    """Every problem a user loading ``wf`` into this server would hit, as readable strings."""
+    errs = []
+    for key in ("nodes", "links", "last_node_id", "last_link_id", "version"):
+        if key not in wf:
+            errs.append(f"missing top-level key {key!r}")
+    nodes = {n["id"]: n for n in wf.get("nodes", [])}
+    links = {l[0]: l for l in wf.get("links", [])}
+    if nodes and wf.get("last_node_id", 0) < max(nodes):
+        errs.append("last_node_id is below the largest node id")
+    if links and wf.get("last_link_id", 0) < max(links):
+        errs.append("last_link_id is below the largest link id")
+    for n in wf.get("nodes", []):
+        for key in ("id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs",
+                    "widgets_values", "properties"):
+            if key not in n:
+                errs.append(f"node {n.get('id')}: missing {key!r}")
+        label = f"node {n.get('id')} ({n.get('type')})"
+        info = object_info.get(n.get("type"))
+        if info is None:
+            errs.append(f"{label}: unknown node type")
+            continue
+        specs = input_specs(info)
+        # widget values, in input order, with the frontend's extra values
+        values = list(n.get("widgets_values", []))
+        linked_widgets = {i["name"] for i in n.get("inputs", []) if i.get("widget") and i.get("link") is not None}
+        k = 0
+        for name, typ, opts, _req in specs:
+            if not is_widget(typ):
+                continue
+            if k >= len(values):
+                errs.append(f"{label}: no widget value for {name!r}")
+                break
+            if name not in linked_widgets:
+                errs += check_value(label, name, typ, opts, values[k])
+            k += 1
+            if opts.get("control_after_generate") or (typ == "INT" and name in SEED_WIDGETS):
+                if k >= len(values) or values[k] not in CONTROL_VALUES:
+                    errs.append(f"{label}: {name!r} must be followed by a control_after_generate value "
+                                f"{CONTROL_VALUES}, got {values[k] if k < len(values) else None!r}")
+                k += 1
+            if opts.get("image_upload"):
+                k += 1  # the upload button's value
+        if k != len(values):
+            errs.append(f"{label}: {len(values)} widget values for {k} widgets: {values}")
+        # link inputs
+        by_name = {name: (typ, req) for name, typ, _o, req in specs}
+        slots = {i["name"]: i for i in n.get("inputs", [])}
+        for name, (typ, req) in by_name.items():
+            if is_widget(typ):
+                continue
+            slot = slots.get(name)
+            if slot is None:
+                if req:
+                    errs.append(f"{label}: required input {name!r} has no slot")
+                continue
+            if slot.get("type") != typ:
+                errs.append(f"{label}: input {name!r} declared {slot.get('type')}, the node takes {typ}")
+            if req and slot.get("link") is None:
+                errs.append(f"{label}: required input {name!r} is not connected")
+        for slot in n.get("inputs", []):
+            if slot["name"] not in by_name:
+                errs.append(f"{label}: input {slot['name']!r} does not exist on the node")
+            lid = slot.get("link")
+            if lid is not None and (lid not in links or links[lid][3] != n["id"]):
+                errs.append(f"{label}: input {slot['name']!r} refers to link {lid}, which does not end here")
+        outs = info["output"]
+        for s, o in enumerate(n.get("outputs", [])):
+            if s >= len(outs) or o.get("type") != outs[s]:
+                errs.append(f"{label}: output {s} is {o.get('type')}, the node gives "
+                            f"{outs[s] if s < len(outs) else 'nothing'}")
+            for lid in o.get("links") or []:
+                if lid not in links or links[lid][1] != n["id"] or links[lid][2] != s:
+                    errs.append(f"{label}: output {s} lists link {lid}, which does not start here")
+    for lid, origin, oslot, target, tslot, typ in wf.get("links", []):
+        src, dst = nodes.get(origin), nodes.get(target)
+        if src is None or dst is None:
+            errs.append(f"link {lid}: dangling ({origin} -> {target})")
+            continue
+        src_info, dst_info = object_info.get(src["type"]), object_info.get(dst["type"])
+        if src_info is None or dst_info is None:
+            continue
+        out_type = src_info["output"][oslot] if oslot < len(src_info["output"]) else None
+        in_name = dst["inputs"][tslot]["name"] if tslot < len(dst["inputs"]) else None
+        in_type = {nm: t for nm, t, _o, _r in input_specs(dst_info)}.get(in_name)
+        if not (out_type == typ == in_type):
+            errs.append(f"link {lid}: {src['type']}[{oslot}] gives {out_type}, the link says {typ}, "
+                        f"{dst['type']}.{in_name} takes {in_type}")
+        if dst["inputs"][tslot].get("link") != lid:
+            errs.append(f"link {lid}: {dst['type']}.{in_name} does not point back to it")
+    return errs
+
+
+def ui_to_api(wf: dict, object_info: dict) -> dict:
+    """The API prompt the frontend would make from a UI workflow (widgets by input order, links
+    as [origin id, slot]); used to check that the shipped API form is the same graph."""
+    out = {}
+    links = {l[0]: l for l in wf["links"]}
+    for n in wf["nodes"]:
+        if n.get("mode", 0) != 0:
+            continue
+        info = object_info[n["type"]]
+        inputs = {}
+        values = list(n["widgets_values"])
+        k = 0
+        for name, typ, opts, _req in input_specs(info):
+            if not is_widget(typ):
+                continue
+            inputs[name] = values[k]
+            k += 1
+            if opts.get("control_after_generate") or (typ == "INT" and name in SEED_WIDGETS):
+                k += 1
+            if opts.get("image_upload"):
+                k += 1
+        for slot in n["inputs"]:
+            if slot.get("link") is not None:
+                l = links[slot["link"]]
+                inputs[slot["name"]] = [str(l[1]), l[2]]
+        out[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return out
+
+
+# --------------------------------------------------------------------------- tests: files
+
+def test_the_four_example_workflows_exist_in_both_forms():
+    assert set(NAMES) == EXPECTED, NAMES
+    for name in NAMES:
+        assert os.path.isfile(api_path(name)), f"no API form of {name}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_is_valid_against_object_info(name, object_info):
+    wf = load(os.path.join(WF_DIR, name + ".json"))
+    assert wf["version"] == 0.4
+    errs = validate_ui(wf, object_info)
+    assert not errs, f"{name}.json:\n" + "\n".join(errs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_form_is_the_same_graph(name, object_info):
+    ui = ui_to_api(load(os.path.join(WF_DIR, name + ".json")), object_info)
+    api = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in load(api_path(name)).items()}
+    assert api == ui
+
+
+def test_validator_catches_broken_workflows(object_info):
+    """The validator above is what the tests rely on: it must reject real mistakes."""
+    good = load(os.path.join(WF_DIR, "quadtree_img2img_upscale.json"))
+    assert validate_ui(good, object_info) == []
+
+    def broken(mutate):
+        wf = copy.deepcopy(good)
+        mutate(wf)
+        return validate_ui(wf, object_info)
+
+    def node(wf, type_):
+        return next(n for n in wf["nodes"] if n["type"] == type_)
+
+    assert broken(lambda wf: node(wf, "QuadtreeDiffusion").update(type="NoSuchNode"))
+    assert broken(lambda wf: node(wf, "QuadtreeDiffusion")["widgets_values"].__setitem__(0, "Bogus"))
+    assert broken(lambda wf: node(wf, "QuadtreeVisualizer")["widgets_values"].__setitem__(2, 1.5))  # min_denoise
+    assert broken(lambda wf: node(wf, "KSampler")["widgets_values"].pop(1))  # control_after_generate
+    assert broken(lambda wf: node(wf, "QuadtreeDiffusion")["widgets_values"].append(3))
+    assert broken(lambda wf: wf["links"][0].__setitem__(5, "LATENT"))
+    q = next(l for l in good["links"] if l[5] == "QUADTREE")
+    assert broken(lambda wf: next(l for l in wf["links"] if l[0] == q[0]).__setitem__(2, 0))  # vis IMAGE -> quadtree
+
+
+def test_template_browser_lists_the_ui_forms_only(comfy_server):
+    listed = comfy_server.get("/workflow_templates").json()
+    folder = comfy_server.pack_folder_name
+    assert sorted(listed.get(folder, [])) == sorted(NAMES), listed
+    for name in NAMES:
+        r = comfy_server.get(f"/api/workflow_templates/{folder}/{name}.json")
+        assert r.status_code == 200, (name, r.status_code)
+        assert r.json() == load(os.path.join(WF_DIR, name + ".json"))
+
+
+# --------------------------------------------------------------------------- tests: runs
+
+def substitute(prompt: dict, checkpoint_kind: str) -> dict:
+    """Fixture nodes for the loaders that need files that do not exist here (outputs map 1:1)."""
+    p = copy.deepcopy(prompt)
+    for node in p.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = "QTDTestCheckpointLoader", {"kind": checkpoint_kind, "seed": 0}
+        elif node["class_type"] == "ControlNetLoader":
+            node["class_type"], node["inputs"] = "QTDTestControlNetLoader", {"seed": 0}
+    return p
+
+
+def shrink(prompt: dict, image_name: str, steps: int) -> dict:
+    """CPU-sized: canvases / 8, pixel tile settings / 8, few steps, the test image."""
+    p = copy.deepcopy(prompt)
+    for node in p.values():
+        ct, inp = node["class_type"], node["inputs"]
+        if ct == "EmptyLatentImage":
+            inp["width"], inp["height"] = inp["width"] // 8, inp["height"] // 8
+        elif ct == "LoadImage":
+            inp["image"] = image_name
+        elif ct == "ImageScaleBy":
+            inp["scale_by"] = 1.0
+        elif ct == "QuadtreeVisualizer":
+            inp["min_tile_size"] = 32
+        elif ct == "QuadtreeDiffusion":
+            inp["tile_width"], inp["tile_height"] = max(64, inp["tile_width"] // 8), max(64, inp["tile_height"] // 8)
+            inp["tile_overlap"] = inp["tile_overlap"] // 8 // 8 * 8
+        elif ct == "KSampler":
+            inp["steps"] = steps
+        elif ct == "SaveImage":
+            inp["filename_prefix"] = "example_wf/" + inp["filename_prefix"].split("/")[-1]
+    return p
+
+
+@pytest.fixture(scope="module")
+def test_image(comfy_server):
+    """A 128x128 photo-like image uploaded through the real upload endpoint."""
+    name = "qtd_example_workflow_input.png"
+    img = (fx.synthetic_photo(128, 128, seed=3)[0].numpy() * 255 + 0.5).astype(np.uint8)
+    path = os.path.join(comfy_server.base_dir, name)
+    Image.fromarray(img).save(path)
+    with open(path, "rb") as f:
+        r = comfy_server.post("/upload/image", files={"image": (name, f, "image/png")},
+                              data={"overwrite": "true", "type": "input"})
+    assert r.status_code == 200, r.text
+    return r.json()["name"]
+
+
+RUNS = {
+    # name: (fixture checkpoint kind, steps, {SaveImage filename_prefix suffix: expected (W, H)})
+    "quadtree_img2img_upscale": ("local", 3, {"upscale": (128, 128), "visualisation": (128, 128)}),
+    "grid_txt2img_large": ("local", 3, {"grid_txt2img": (256, 128)}),
+    "spotdiffusion_txt2img": ("local", 3, {"spotdiffusion": (384, 128)}),
+    "quadtree_upscale_tile_controlnet": ("tiny_sd15", 2, {"tile_cn_upscale": (128, 128),
+                                                          "tile_cn_visualisation": (128, 128)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, test_image):
+    kind, steps, expected = RUNS[name]
+    shipped = load(api_path(name))
+    prompt = shrink(substitute(shipped, kind), test_image, steps)
+    before = len(comfy_server.log_text())
+    history = comfy_server.run(prompt, timeout=PROMPT_TIMEOUT)
+    log = comfy_server.log_text()[before:]
+
+    sizes = {}
+    for nid, node in prompt.items():
+        if node["class_type"] == "SaveImage":
+            paths = comfy_server.output_images(history, nid)
+            assert len(paths) == 1, (nid, history.get("outputs"))
+            assert os.path.isfile(paths[0])
+            with Image.open(paths[0]) as im:
+                sizes[node["inputs"]["filename_prefix"].split("/")[-1]] = im.size
+    assert sizes == expected
+
+    runs = [tuple(map(int, m.groups())) for m in RUN_DONE.finditer(log)]
+    assert len(runs) == 1, f"expected one tiled sampling run in the log, got {runs}:\n{log[-3000:]}"
+    calls, evaluations = runs[0]
+    assert calls >= steps and evaluations > calls, (calls, evaluations)  # several tiles per call
+    if "quadtree" in name:
+        assert "quadtree of 128x128px" in log
+
+
+def test_tile_controlnet_changes_the_tiled_result(comfy_server, test_image):
+    """The ControlNet of workflow (4) acts through the tiled sampling: strength 0 (ComfyUI then
+    leaves the conditioning untouched) gives another image than the shipped strength."""
+    # 6 steps: every tile (denoise >= 0.3) is then sampled in >= 2 steps, and the first of them
+    # lies before end_percent 0.9, where ComfyUI switches the ControlNet off (with 2 'normal'
+    # steps the only active step would be at sigma 0.03, after it).
+    prompt = shrink(substitute(load(api_path("quadtree_upscale_tile_controlnet")), "tiny_sd15"), test_image, 6)
+    (apply_id,) = [k for k, v in prompt.items() if v["class_type"] == "ControlNetApplyAdvanced"]
+    (save_id,) = [k for k, v in prompt.items() if v["inputs"].get("filename_prefix", "").endswith("tile_cn_upscale")]
+    assert prompt[apply_id]["inputs"]["strength"] > 0
+
+    def result(strength):
+        p = copy.deepcopy(prompt)
+        p[apply_id]["inputs"]["strength"] = strength
+        p[save_id]["inputs"]["filename_prefix"] += f"_strength{strength}"
+        (path,) = comfy_server.output_images(comfy_server.run(p, timeout=PROMPT_TIMEOUT), save_id)
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+    with_cn, without_cn = result(prompt[apply_id]["inputs"]["strength"]), result(0.0)
+    assert with_cn.shape == without_cn.shape == (128, 128, 3)
+    assert np.abs(with_cn - without_cn).mean() > 1.0
