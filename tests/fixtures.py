@@ -72,8 +72,9 @@ def setup_comfy(comfy_path: str | None = None) -> str:
     """Make real ComfyUI importable as a library running on the CPU. Idempotent.
 
     * ComfyUI goes first on ``sys.path``;
-    * the repo root (which holds the pack's own ``nodes.py``/``utils.py``) is removed from
-      ``sys.path`` so ``import nodes`` is ComfyUI's ``nodes`` (``python -m pytest`` adds the cwd);
+    * the repo root (which holds the pack's own ``nodes.py``/``utils.py``) and ``tests/`` (which
+      holds a ``server.py``) are removed from ``sys.path`` so ``import nodes``/``import server``
+      are ComfyUI's (``python -m pytest`` adds the cwd);
     * ``comfy.cli_args.args.cpu`` (and ``use_pytorch_cross_attention``) are set before
       ``comfy.model_management`` is imported.
     """
@@ -82,9 +83,10 @@ def setup_comfy(comfy_path: str | None = None) -> str:
         raise RuntimeError(
             f"ComfyUI not found at {path!r}: run scripts/provision.sh (or set COMFYUI_PATH)")
 
-    sys.path[:] = [p for p in sys.path if not _same_dir(p, REPO_ROOT)]
-    if not any(_same_dir(p, path) for p in sys.path):
-        sys.path.insert(0, path)
+    # Off: the repo root (pack's nodes.py/utils.py) and tests/ (server.py). ComfyUI goes first.
+    sys.path[:] = [p for p in sys.path
+                   if not (_same_dir(p, REPO_ROOT) or _same_dir(p, TESTS_DIR) or _same_dir(p, path))]
+    sys.path.insert(0, path)
 
     if "comfy.model_management" not in sys.modules:
         import comfy.options  # noqa: F401  (args parsing stays disabled: library mode)
