@@ -68,7 +68,8 @@ os.rename(staging, dest)
 PY
     rm -rf "$tmp"
   fi
-  rm -f "$COMFY/extra_model_paths.yaml"
+  # only in our own copy: never delete a file from a user's checkout given as COMFYUI_PATH
+  [ -n "${COMFYUI_PATH:-}" ] || rm -f "$COMFY/extra_model_paths.yaml"
   log "installing ComfyUI requirements and test extras"
   "${PIP[@]}" -r "$COMFY/requirements.txt" requests
   "${PIP[@]}" -r "$REPO/requirements-dev.txt"
