@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmark scripts: they run end to end (small sizes, subprocesses), print
+their ratio lines and write their JSON. Nothing about speed is asserted (the machines are
+shared and noisy); what is asserted are counts, which are exact: the model calls the
+benchmarks count through a model wrapper agree with the engine's own run summary and with
+the variable-denoise maths, and every run produced a finite time."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.realpath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+BENCH = os.path.join(REPO_ROOT, "benchmarks")
+
+pytestmark = pytest.mark.benchmark
+
+
+def _run(args, timeout):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable] + args, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n" \
+                                 f"--- stderr\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _ratio_lines(stdout):
+    out = {}
+    section = stdout.split("\nratios:\n", 1)
+    assert len(section) == 2, f"no 'ratios:' block in the output:\n{stdout[-3000:]}"
+    for line in section[1].splitlines():
+        line = line.strip()
+        if " = " not in line:
+            continue
+        key, val = line.split(" = ", 1)
+        out[key] = float(val)
+    return out
+
+
+def test_bench_cpu_small(tmp_path):
+    path = tmp_path / "cpu.json"
+    stdout = _run([os.path.join(BENCH, "bench_cpu.py"), "--small", "--json", str(path)], timeout=600)
+    ratios = _ratio_lines(stdout)
+    for key in ("at_limit[untiled]", "overhead[MultiDiffusion/grid]", "overhead[Mixture_of_Diffusers/grid]",
+                "overhead[SpotDiffusion/grid]", "overhead[Mixture_of_Diffusers/quadtree]",
+                "at_limit[Mixture_of_Diffusers/grid]", "schedule_tiles_ratio", "skip_tiles_ratio",
+                "auto_vs_best_fixed", "outside_model_share", "engine_us_per_tile[Mixture_of_Diffusers/grid]"):
+        assert key in ratios, f"ratio line {key!r} missing from:\n{stdout[-3000:]}"
+        assert math.isfinite(ratios[key]) and ratios[key] > 0 or key == "outside_model_share", (key, ratios[key])
+    data = json.loads(path.read_text())
+    assert data["ratios"].keys() == ratios.keys()
+
+    # A: the tile-window area ratio comes from the engine's plan: 3x3 windows of 256px+32px overlap
+    # on 512px -> each window 32x32 latent on a 64x64 latent; MoD grid tiled once per model call.
+    a = data["overhead"]
+    assert a["untiled"]["tiles"] == a["untiled"]["calls"]          # untiled: one canvas per call
+    grid = a["Mixture of Diffusers / grid"]
+    assert grid["n_tiles"] == 9 and grid["area_ratio"] == pytest.approx(9 * 32 * 32 / (64 * 64))
+    assert grid["tiles"] == 9 * len(grid["step_times"])            # every tile at every step
+    assert a["SpotDiffusion / grid"]["area_ratio"] == pytest.approx(1.0)
+
+    # C: counted tile evaluations == the engine's run summary, schedule == sum round(d * n)
+    work = data["model_work"]
+    for name, run in work["runs"].items():
+        assert run["engine_summary"] is not None, name
+        assert run["tiles"] == run["engine_summary"]["tiles"], name
+        # the engine counts sampler calls (euler: one per step, cond+uncond together); the meter
+        # counts the tile batches the engine sends to the model (none in a step where no tile is active)
+        assert run["engine_summary"]["calls"] == work["steps"], name
+    assert work["runs"]["schedule"]["tiles"] == work["expected_schedule_tiles"]
+    assert work["runs"]["off"]["tiles"] == work["layout_tiles"] * work["steps"]
+    assert work["runs"]["schedule"]["tiles"] < work["runs"]["off"]["tiles"]
+
+    # D: a fixed tile batch k never puts more than k tiles in one call; auto batches more than 1
+    for k, run in data["batch_sweep"].items():
+        if int(k) > 0:
+            assert run["tiles_per_call"] <= int(k)
+    assert data["batch_sweep"]["0"]["tiles_per_call"] > 1
+
+
+def test_bench_gpu_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu"
+    stdout = _run([os.path.join(BENCH, "bench_gpu.py"), "--device", "cpu", "--tiny", "--budget-s", "600",
+                   "--out", str(out)], timeout=600)
+    ratios = _ratio_lines(stdout)
+    for key in ("auto_vs_best_fixed[grid@128]", "auto_vs_best_fixed[quadtree schedule@256]",
+                "schedule_tiles_vs_off[256]", "at_limit_worst_tiled", "at_limit_best_tiled"):
+        assert key in ratios, f"ratio line {key!r} missing from:\n{stdout[-3000:]}"
+        assert math.isfinite(ratios[key]) and ratios[key] > 0, (key, ratios[key])
+    data = json.loads((out / "bench_gpu.json").read_text())
+    md = (out / "bench_gpu.md").read_text()
+    assert "| canvas" in md and "quadtree schedule" in md
+    runs = data["runs"]
+    assert runs and all(r["status"] == "ok" for r in runs), [r["status"] for r in runs]
+    for r in runs:
+        assert math.isfinite(r["s_per_step"]) and r["s_per_step"] > 0
+        assert math.isfinite(r["raw_s_per_step"]) and r["raw_s_per_step"] > 0
+        if r["config"] == "untiled":
+            assert r["tiles_per_step"] == 1.0
+        elif r["tile_batch"]:
+            assert r["max_tiles_per_call"] <= r["tile_batch"]
+    # the quadtree in schedule mode asks the model for fewer tiles than with variable denoise off
+    for canvas in (128, 256):
+        qs = [r for r in runs if r["canvas"] == canvas and r["config"] == "quadtree schedule" and r["tile_batch"] == 0]
+        qo = [r for r in runs if r["canvas"] == canvas and r["config"] == "quadtree off"]
+        assert qs[0]["tiles"] < qo[0]["tiles"]
