@@ -6,6 +6,8 @@
 * ``example_workflows/<name>.json``: the UI (litegraph) format the frontend saves and loads by
   drag-and-drop; ComfyUI's template browser lists exactly the ``*.json`` files directly in this
   folder of a custom node pack (``app/custom_node_manager.py``: ``*/example_workflows/*.json``).
+* ``example_workflows/<name>.jpg``: the thumbnail the template browser shows for it (drawn from
+  the generated sample photo and the pack's quadtree code);
 * ``example_workflows/api/<name>.json``: the API format of the same graph (what ``POST /prompt``
   takes; the frontend's "Export (API)"). In a subfolder, so the template browser does not list it.
 
@@ -388,6 +390,92 @@ def write_all(out_dir: str = OUT) -> list[str]:
     return written
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Thumbnails: the template browser shows example_workflows/<name>.jpg next to each template.
+# Drawn here from the generated sample photo (scripts/make_sample_photo.py) and the pack's own
+# quadtree code, so they carry no third-party material.
+
+def _pack_quadtree():
+    import importlib
+    import sys
+    import types
+    name = "qtd_examples_pack"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [REPO]
+        sys.modules[name] = pkg
+    return importlib.import_module(f"{name}.quadtree")
+
+
+def _photo(size=512):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("qtd_sample_photo", os.path.join(REPO, "scripts", "make_sample_photo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_photo(size, mod.DEFAULT_SEED)
+
+
+def _quadtree_thumb(min_denoise, max_denoise):
+    import numpy as np
+    import torch
+    from PIL import ImageDraw
+    qt = _pack_quadtree()
+    img = _photo(512).convert("RGB")
+    lay = qt.build_quadtree(torch.from_numpy(np.asarray(img, np.float32) / 255.0), 25.0, 48, 1024,
+                            min_denoise, max_denoise)
+    d = ImageDraw.Draw(img)
+    span = max(1e-6, max_denoise - min_denoise)
+    for t in lay.tiles:
+        a = (t.denoise - min_denoise) / span
+        d.rectangle([t.x, t.y, t.x + t.w - 1, t.y + t.h - 1], outline=(int(255 * a), 40, int(255 * (1 - a))), width=2)
+    return img
+
+
+def _grid_thumb(width, height, tile, overlap, shifted=False):
+    import numpy as np
+    from PIL import Image, ImageDraw
+    W, H = width // 4, height // 4
+    ys = np.linspace(0, 1, H)[:, None, None]
+    xs = np.linspace(0, 1, W)[None, :, None]
+    sky = np.array([0.45, 0.62, 0.88]) * (1 - ys) + np.array([0.95, 0.78, 0.55]) * ys + 0 * xs
+    ridge = (0.55 + 0.08 * np.sin(xs[..., 0] * 9) + 0.05 * np.sin(xs[..., 0] * 23 + 1))[0]
+    rows = np.arange(H)[:, None] / H
+    arr = np.where((rows > ridge[None, :])[..., None], np.array([0.25, 0.35, 0.45]), sky)
+    img = Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img, "RGBA")
+    t, o = tile // 4, overlap // 4
+    if not shifted:  # the engine's grid windows (quadtree.grid_starts), overlaps shaded
+        xs0 = _pack_quadtree().grid_starts(W, t, o)
+        for k, x in enumerate(xs0):
+            if k:
+                d.rectangle([x, 0, xs0[k - 1] + t - 1, H - 1], fill=(255, 255, 255, 70))
+        for k, x in enumerate(xs0):
+            inset = 3 + 8 * (k % 2)
+            d.rectangle([x + inset, inset, x + t - 1 - inset, H - 1 - inset], outline=(255, 255, 255, 230), width=3)
+    else:
+        for shift, col in ((0, (255, 255, 255, 230)), (t // 3, (255, 120, 60, 200))):
+            for x in range(-t + shift, W, t):
+                d.rectangle([x, 3, x + t - 1, H - 4], outline=col, width=3)
+    return img
+
+
+def write_thumbnails(out_dir: str = OUT) -> list[str]:
+    thumbs = {
+        "quadtree_img2img_upscale": lambda: _quadtree_thumb(0.2, 0.6),
+        "quadtree_upscale_tile_controlnet": lambda: _quadtree_thumb(0.3, 0.75),
+        "grid_txt2img_large": lambda: _grid_thumb(2048, 1024, 1024, 128),
+        "spotdiffusion_txt2img": lambda: _grid_thumb(3072, 1024, 1024, 0, shifted=True),
+    }
+    written = []
+    for name, make in thumbs.items():
+        path = os.path.join(out_dir, name + ".jpg")
+        make().save(path, quality=85)
+        written.append(path)
+    return written
+
+
 if __name__ == "__main__":
-    for p in write_all():
+    for p in write_all() + write_thumbnails():
         print(os.path.relpath(p, REPO))

@@ -7,13 +7,14 @@
   link is type-correct on both ends and every required link input is connected;
 * the API form of each workflow is the same graph as its UI form;
 * ComfyUI's template browser lists exactly the UI forms (``GET /workflow_templates``) and serves
-  them (``/api/workflow_templates/<pack folder>/<name>.json``);
+  them and their thumbnails (``/api/workflow_templates/<pack folder>/<name>.json`` / ``.jpg``);
 * every API form runs (``POST /prompt``) with fixture nodes standing in for the checkpoint and
   ControlNet loaders and with CPU-sized canvases and step counts, and the engine's log shows that
   the sampling was tiled.
 """
 import copy
 import glob
+import io
 import json
 import os
 import re
@@ -278,6 +279,10 @@ def test_template_browser_lists_the_ui_forms_only(comfy_server):
         r = comfy_server.get(f"/api/workflow_templates/{folder}/{name}.json")
         assert r.status_code == 200, (name, r.status_code)
         assert r.json() == load(os.path.join(WF_DIR, name + ".json"))
+        thumb = comfy_server.get(f"/api/workflow_templates/{folder}/{name}.jpg")  # what the browser shows
+        assert thumb.status_code == 200, (name, thumb.status_code)
+        with Image.open(io.BytesIO(thumb.content)) as im:
+            assert im.format == "JPEG" and min(im.size) >= 128, (name, im.format, im.size)
 
 
 # --------------------------------------------------------------------------- tests: runs
