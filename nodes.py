@@ -85,7 +85,14 @@ class QuadtreeVisualizer:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, min_denoise=None, max_denoise=None, min_tile_size=None, max_tile_size=None, **_):
+    def VALIDATE_INPUTS(cls, min_denoise, max_denoise, min_tile_size, max_tile_size):
+        # ComfyUI leaves the range checks of the inputs named here to this function.
+        spec = cls.INPUT_TYPES()["required"]
+        for name, value in (("min_denoise", min_denoise), ("max_denoise", max_denoise),
+                            ("min_tile_size", min_tile_size), ("max_tile_size", max_tile_size)):
+            lo, hi = spec[name][1]["min"], spec[name][1]["max"]
+            if value is not None and not lo <= value <= hi:
+                return f"{name} ({value}) is outside {lo}..{hi}: set {name} between {lo} and {hi}"
         return _denoise_range_error(min_denoise, max_denoise) or _tile_size_error(min_tile_size, max_tile_size) or True
 
     def visualize(self, image, content_threshold, min_tile_size, min_denoise, max_denoise, line_thickness,

@@ -152,6 +152,31 @@ def spatial_scale(shape, H: int, W: int):
     return sh, sw
 
 
+def snap_tile(tile: int, length: int, align: int) -> int:
+    """A grid tile side rounded down to the model's patch (the whole axis if it covers it)."""
+    if tile >= length or align <= 1:
+        return min(tile, length)
+    return max(align, tile // align * align)
+
+
+def aligned_grid_starts(length: int, tile: int, overlap: int, align: int) -> list[int]:
+    """:func:`quadtree.grid_starts` on the patch grid: every start a multiple of ``align`` except
+    a last window flush with an axis end that is not (so no window needs padding by a
+    patchifying model).  ``tile`` is a multiple of ``align`` or the whole axis."""
+    if align <= 1 or tile >= length:
+        return qt.grid_starts(length, tile, overlap)
+    r = length % align
+    n_tile = tile // align
+    n_overlap = min(-(-(overlap + r) // align), n_tile - 1)
+    starts = [s * align for s in qt.grid_starts(length // align, n_tile, n_overlap)]
+    if r:
+        if len(starts) > 1 and starts[-2] + tile >= length - tile + min(overlap, tile - 1):
+            starts[-1] = length - tile
+        else:
+            starts.append(length - tile)
+    return starts
+
+
 def crop_scaled(v: torch.Tensor, win: Window, scale) -> torch.Tensor:
     sh, sw = scale
     y0, y1 = int(round(win.y0 * sh)), int(round(win.y1 * sh))
@@ -215,8 +240,10 @@ class Plan:
         self.levels = levels
         self.windows = [Window(w.y0, w.y1, w.x0, w.x1, w.core, w.denoise, w.skipped,
                                levels.index((w.denoise, w.skipped))) for w in self.windows]
+        # Weights and their normalisation are computed in float32 (a Gaussian corner weight,
+        # exp(-12.5)^2, underflows in float16) and cast to the latent's dtype once normalised.
         self.weights = [window_weight("MultiDiffusion" if self.spot else cfg.method, *w.size,
-                                      device=device, dtype=dtype) for w in self.windows]
+                                      device=device, dtype=torch.float32) for w in self.windows]
         self._norm_cache: dict = {}
         self._maps_cache: dict = {}
         self.level_maps = self._level_maps()
@@ -230,7 +257,11 @@ class Plan:
         if layout is None:
             th, tw = max(1, min(H, cfg.tile_height // c)), max(1, min(W, cfg.tile_width // c))
             th, tw = max(th, min(H, self.align)), max(tw, min(W, self.align))
-            return th, tw, overlap, None
+            sh, sw = snap_tile(th, H, self.align), snap_tile(tw, W, self.align)
+            if (sh, sw) != (th, tw):
+                self.notes.append(f"grid tile {tw * c}x{th * c}px snapped to {sw * c}x{sh * c}px "
+                                  f"(the model's {self.align}x{self.align} latent patch)")
+            return sh, sw, overlap, None
         return None, None, overlap, layout
 
     def _windows(self, layout):
@@ -243,8 +274,8 @@ class Plan:
             if overlap > limit:
                 self.notes.append(f"tile_overlap {cfg.tile_overlap}px clamped to {limit * c}px (half a tile)")
                 overlap = limit
-            ys = qt.grid_starts(H, th, overlap)
-            xs = qt.grid_starts(W, tw, overlap)
+            ys = aligned_grid_starts(H, th, overlap, a)
+            xs = aligned_grid_starts(W, tw, overlap, a)
             for y in ys:
                 for x in xs:
                     h, w = min(th, H), min(tw, W)
@@ -302,14 +333,14 @@ class Plan:
         hit = self._norm_cache.get(evaluated)
         if hit is not None:
             return hit
-        denom = torch.zeros(self.H, self.W, device=self.device, dtype=self.dtype)
+        denom = torch.zeros(self.H, self.W, device=self.device, dtype=torch.float32)
         for i in evaluated:
             w = self.windows[i]
             denom[w.y0:w.y1, w.x0:w.x1] += self.weights[i]
         out = {}
         for i in evaluated:
             w = self.windows[i]
-            out[i] = self.weights[i] / denom[w.y0:w.y1, w.x0:w.x1]
+            out[i] = (self.weights[i] / denom[w.y0:w.y1, w.x0:w.x1]).to(self.dtype)
         if len(self._norm_cache) < 64:
             self._norm_cache[evaluated] = out
         return out
@@ -452,6 +483,7 @@ class TiledDiffusion:
 
     def prepare_sampling(self, executor, model, noise_shape, conds, model_options=None):
         """PREPARE_SAMPLING: let ComfyUI plan memory for one tile batch, not the whole canvas."""
+        check_latent(model.model, noise_shape)
         try:
             base = model.model
             c, a = latent_compression(base), latent_patch_size(base)
@@ -461,12 +493,12 @@ class TiledDiffusion:
             h = max(w.size[0] for plan in plans for w in plan.windows)
             w = max(w.size[1] for plan in plans for w in plan.windows)
             k = self.cfg.tile_batch_size or 1
-            k = min(k, len(plan.windows))
+            k = min(k, max(len(plan.windows) for plan in plans))
             noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
         except ValueError:
             raise
         except Exception as e:  # never block sampling on an estimate
-            log.debug("%s memory estimate fell back to the canvas shape: %s", P, e)
+            log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
         return executor(model, noise_shape, conds, model_options=model_options)
 
     # ---- logging (once per run)
@@ -562,7 +594,7 @@ class TiledDiffusion:
         if plan.spot:
             xr = torch.roll(x, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else x
             cr = _roll_cond(c, dy, dx, x.shape[0], H, W) if (dy or dx) else c
-            weights = {i: plan.weights[i] for i in evaluated}
+            weights = {i: plan.weights[i].to(x.dtype) for i in evaluated}
             blend = self._evaluate(apply_model, xr, t, cr, cou, n_chunks, plan, evaluated, weights, run,
                                    shift=(dy, dx))
             if dy or dx:
@@ -695,6 +727,20 @@ class TiledDiffusion:
         evaluated = tuple(range(len(plan.windows)))
         return self._evaluate(apply_model, x, t, c, cou, n_chunks, plan, evaluated,
                               plan.normalized(evaluated), run)
+
+
+def check_latent(base, shape) -> None:
+    """Refuse latents the engine cannot tile, naming the input and the fix."""
+    shape = list(shape)
+    if len(shape) not in (4, 5):
+        raise ValueError(f"latent: Quadtree Diffusion tiles latents of shape [batch, channels, height, width] "
+                         f"(or [batch, channels, frames, height, width]); this latent has shape {shape}: "
+                         f"connect an image/video latent, or remove Quadtree Diffusion for this model")
+    fmt = getattr(base, "latent_format", None)
+    expected = getattr(fmt, "latent_channels", None)
+    if isinstance(expected, int) and len(shape) == 2 + getattr(fmt, "latent_dimensions", 2) and shape[1] != expected:
+        raise ValueError(f"latent: {shape[1]} channels but the model expects {expected}: encode the image with "
+                         f"this model's VAE (or use an Empty Latent Image made for this model)")
 
 
 def plan_has_levels(cfg: TileConfig) -> bool:

@@ -59,7 +59,8 @@ def scale_alpha(d: float, p: float) -> float:
 
 def active_steps(d: float, n: int) -> int:
     """round(d * n) (half up): how many of the last steps a tile of strength d is active."""
-    return int(math.floor(d * n + 0.5))
+    # round(d * n, 9) first: 0.58 * 25 is 14.4999... in binary floats, but the user typed 0.58
+    return int(math.floor(round(d * n, 9) + 0.5))
 
 
 def first_active_step(d: float, n: int) -> int:

@@ -82,7 +82,8 @@ def check_plan(td, qt, plan, cfg, H, W, align, dtype):
     n = len(plan.windows)
     assert len(plan.weights) == n
     for i, w in enumerate(plan.windows):
-        assert plan.weights[i].shape == w.size and plan.weights[i].dtype == dtype
+        # raw weights stay float32 (a Gaussian corner weight underflows in float16); normalised ones are cast
+        assert plan.weights[i].shape == w.size and plan.weights[i].dtype == torch.float32
     norm = plan.normalized(tuple(range(n)))
     assert sorted(norm) == list(range(n))
     for i, v in norm.items():
@@ -159,10 +160,7 @@ def test_plan_properties(td, qt, H, W, method, overlap, enable, tw, th, skip, al
 @pytest.mark.parametrize("method", [
     "MultiDiffusion",
     "SpotDiffusion",
-    pytest.param("Mixture of Diffusers", marks=pytest.mark.xfail(strict=True, reason=(
-        "float16 plan: the per-axis Gaussians are multiplied in float16, exp(-12.5)^2 = 1.4e-11 underflows "
-        "to 0 at window corners, so a pixel covered by one window only (every canvas corner) gets 0/0 = NaN "
-        "(see report)"))),
+    "Mixture of Diffusers",
 ])
 def test_half_precision_plan(td, qt, method):
     cfg = td.TileConfig(method=method, tile_overlap=64, tile_width=256, tile_height=256)

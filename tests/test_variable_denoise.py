@@ -85,8 +85,6 @@ def test_activation_is_a_suffix_of_round_dn_steps(vd, d, n):
     assert flags == sorted(flags), "once active, a tile stays active"
 
 
-@pytest.mark.xfail(strict=True, reason="round(d*n) is computed on the binary float d*n: a widget value "
-                   "such as 0.58 with 25 steps is 14.4999... and rounds down (see report)")
 @pytest.mark.parametrize("d, n", [(0.58, 25), (0.7, 45), (0.29, 50), (0.57, 50)])
 def test_activation_rule_half_up_for_decimal_widget_values(vd, d, n):
     expected = math.floor(Fraction(str(d)) * n + Fraction(1, 2))
