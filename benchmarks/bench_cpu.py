@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 METHODS = ("MultiDiffusion", "Mixture of Diffusers", "SpotDiffusion")
 
@@ -55,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--pack", help="benchmark the node pack in this folder instead of the checkout "
                    "(to measure a prototype copy of the engine)")
     p.add_argument("--skip-profile", action="store_true", help="leave out section E")
+    p.add_argument("--sections", default="ABCDEF", help="which sections to run (default ABCDEF)")
+    p.add_argument("--compare-pack", metavar="DIR",
+                   help="also time section F (engine alone) with the node pack in DIR (a prototype copy), "
+                        "side by side with the checkout's, and print the ratio")
     return p.parse_args(argv)
 
 
@@ -131,14 +134,18 @@ class Bench:
                 "engine_summary": summary, "recorded": meter.recorded}
 
     # ---- A + B
-    def section_overhead(self):
-        th = dict(tile_width=self.tile, tile_height=self.tile, tile_overlap=self.overlap, tile_batch_size=4,
-                  variable_denoise="off")
+    def overhead_configs(self):
+        th = {"tile_width": self.tile, "tile_height": self.tile, "tile_overlap": self.overlap,
+              "tile_batch_size": 4, "variable_denoise": "off"}
         configs = [("untiled", None)]
         for method in METHODS:
             configs.append((f"{method} / grid", dict(th, method=method)))
         configs.append(("Mixture of Diffusers / quadtree", dict(th, method="Mixture of Diffusers",
                                                                 quadtree=self.quadtree())))
+        return configs
+
+    def section_overhead(self):
+        configs = self.configs
         best: dict = {}
         for _ in range(self.repeats):
             for name, cfg in configs:
@@ -176,7 +183,6 @@ class Bench:
                 self.ratios[f"overhead[{key}]"] = overhead
             self.ratios[f"at_limit[{key}]"] = limit
         self.results["overhead"] = best
-        self.configs = configs
         print(f"\nA/B. Engine overhead and distance to the raw model ({self.canvas}x{self.canvas}px canvas, "
               f"{self.tile}px tiles, overlap {self.overlap}px, tile batch 4, {self.steps} euler steps, CFG 7; "
               f"CPU ms of one thread, best of {self.repeats})")
@@ -188,22 +194,41 @@ class Bench:
 
     # ---- F
     def section_engine_alone(self):
+        other = None
+        if self.args.compare_pack:
+            other = self.fx.load_pack(os.path.realpath(self.args.compare_pack), name="qtd_compare")
         rows = []
         out = {}
         for name, cfg in self.configs:
             if cfg is None:
                 continue
-            r = min((benchlib.engine_only(self.pack, self.H, self.W, cfg, steps=self.steps)
-                     for _ in range(self.repeats)), key=lambda d: d["s_per_call"])
+            best: dict = {}
+            for _ in range(self.repeats):      # interleaved, fastest kept
+                for label, pk in (("checkout", self.pack), ("compare", other)):
+                    if pk is None:
+                        continue
+                    r = benchlib.engine_only(pk, self.H, self.W, cfg, steps=self.steps)
+                    if label not in best or r["s_per_call"] < best[label]["s_per_call"]:
+                        best[label] = r
+            r = best["checkout"]
             out[name] = r
-            rows.append((name, f"{r['tiles_per_call']:.0f}", f"{r['s_per_call'] * 1e3:.2f}",
-                         f"{r['s_per_tile'] * 1e6:.0f}"))
-            self.ratios[f"engine_us_per_tile[{name.replace(' / ', '/').replace(' ', '_')}]"] = r["s_per_tile"] * 1e6
+            row = [name, f"{r['tiles_per_call']:.0f}", f"{r['s_per_call'] * 1e3:.2f}", f"{r['s_per_tile'] * 1e6:.0f}"]
+            key = name.replace(" / ", "/").replace(" ", "_")
+            self.ratios[f"engine_us_per_tile[{key}]"] = r["s_per_tile"] * 1e6
+            if other is not None:
+                o = best["compare"]
+                out[name + " (compare)"] = o
+                row += [f"{o['s_per_call'] * 1e3:.2f}", f"{o['s_per_call'] / r['s_per_call']:.3f}"]
+                self.ratios[f"compare_engine_time[{key}]"] = o["s_per_call"] / r["s_per_call"]
+            rows.append(row)
         self.results["engine_alone"] = out
         print("\nF. The engine alone: its wrapper around a model that returns its input (no model cost), "
-              "as KSampler drives it (cond+uncond per call)")
-        print(benchlib.fmt_table(["configuration", "tiles per call", "engine ms per call", "engine us per tile"],
-                                 rows))
+              "as KSampler drives it (cond+uncond per call)"
+              + (f"; compared with {self.args.compare_pack}" if other is not None else ""))
+        headers = ["configuration", "tiles per call", "engine ms per call", "engine us per tile"]
+        if other is not None:
+            headers += ["compare: ms per call", "compare / checkout"]
+        print(benchlib.fmt_table(headers, rows))
 
     # ---- C
     def section_model_work(self):
@@ -213,7 +238,8 @@ class Bench:
         steps = self.args.steps or (4 if self.args.small else 20)
         sizes = sorted({min(t.w, t.h) for t in layout.tiles})
         skip_px = sizes[0] * 2 if len(sizes) > 1 else 0
-        base = dict(method="Mixture of Diffusers", tile_overlap=self.overlap, tile_batch_size=4, quadtree=layout)
+        base = {"method": "Mixture of Diffusers", "tile_overlap": self.overlap, "tile_batch_size": 4,
+                "quadtree": layout}
         modes = [("off", dict(base, variable_denoise="off")),
                  ("schedule", dict(base, variable_denoise="schedule")),
                  ("scale", dict(base, variable_denoise="scale")),
@@ -258,8 +284,8 @@ class Bench:
     # ---- D
     def section_batch(self):
         batches = (1, 4, 0) if self.args.small else (1, 2, 4, 8, 16, 0)
-        cfg = dict(method="Mixture of Diffusers", tile_width=self.tile // 2, tile_height=self.tile // 2,
-                   tile_overlap=self.overlap, variable_denoise="off")
+        cfg = {"method": "Mixture of Diffusers", "tile_width": self.tile // 2, "tile_height": self.tile // 2,
+               "tile_overlap": self.overlap, "variable_denoise": "off"}
         best: dict = {}
         for _ in range(self.repeats):
             for k in batches:
@@ -287,8 +313,8 @@ class Bench:
     # ---- E
     def section_profile(self):
         torch = self.torch
-        cfg = dict(method="Mixture of Diffusers", tile_width=self.tile, tile_height=self.tile,
-                   tile_overlap=self.overlap, tile_batch_size=4, variable_denoise="off")
+        cfg = {"method": "Mixture of Diffusers", "tile_width": self.tile, "tile_height": self.tile,
+               "tile_overlap": self.overlap, "tile_batch_size": 4, "variable_denoise": "off"}
         self.run(cfg, steps=2)    # warm
         best = None
         for _ in range(1 if self.args.small else 2):   # the profiler's clock is wall time: keep the calmer one
@@ -344,11 +370,17 @@ class Bench:
         print(f"bench_cpu: {v['cpu']} ({v['torch_threads']} torch threads), torch {v['torch']}, ComfyUI "
               f"{v['comfyui']}, date {v['date']}")
         t0 = time.perf_counter()
-        self.section_overhead()
-        self.section_model_work()
-        self.section_batch()
-        self.section_engine_alone()
-        if not self.args.skip_profile:
+        self.configs = self.overhead_configs()
+        sections = self.args.sections.upper()
+        if "A" in sections or "B" in sections:
+            self.section_overhead()
+        if "C" in sections:
+            self.section_model_work()
+        if "D" in sections:
+            self.section_batch()
+        if "F" in sections:
+            self.section_engine_alone()
+        if "E" in sections and not self.args.skip_profile:
             self.section_profile()
         self.results["ratios"] = self.ratios
         self.results["wall_s"] = time.perf_counter() - t0

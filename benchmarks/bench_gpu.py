@@ -38,7 +38,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 SD15_UNET = {  # ComfyUI's model_detection SD15 config (what a real SD1.5 checkpoint is detected as)
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -73,8 +73,8 @@ class GpuBench:
         self.t_start = time.perf_counter()
         tiny = args.tiny
         self.fx, self.pack, self.comfy_path = benchlib.setup(args.device, threads=1 if args.device == "cpu" else None)
-        import torch
         import comfy.model_management as mm
+        import torch
         self.torch, self.mm = torch, mm
         self.device = mm.get_torch_device()
         if args.device != "cpu" and self.device.type != "cuda":
@@ -181,9 +181,9 @@ class GpuBench:
             with torch.no_grad():
                 _, self.ksampler_path = benchlib.ksampler(m, self.pos, self.neg, latent, seed=1, steps=self.steps,
                                                           cfg=7.0, sampler_name="euler", scheduler="normal")
-        except Exception as e:  # out of memory (untiled at large canvases) or anything else: report it
-            oom = isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())) or isinstance(e, mm.OOM_EXCEPTION) \
-                or "out of memory" in str(e).lower()
+        except Exception as e:  # noqa: BLE001  out of memory (untiled at large canvases) or anything else: report it
+            oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+            oom = (oom_type is not None and isinstance(e, oom_type)) or "out of memory" in str(e).lower()
             row["status"] = "out of memory" if oom else f"error: {type(e).__name__}: {e}"
             self.rows.append(row)
             print(f"  {canvas}px {name} batch {batch}: {row['status']}", flush=True)
@@ -244,13 +244,13 @@ class GpuBench:
         benchlib.ksampler(self.model, self.pos, self.neg, warm, steps=2, cfg=7.0)
         for canvas in self.canvases:
             lat = {"samples": torch.randn((1, 4, canvas // 8, canvas // 8), generator=gen)}
-            grid = dict(method="Mixture of Diffusers", tile_width=self.tile, tile_height=self.tile,
-                        tile_overlap=self.overlap, variable_denoise="off")
+            grid = {"method": "Mixture of Diffusers", "tile_width": self.tile, "tile_height": self.tile,
+                    "tile_overlap": self.overlap, "variable_denoise": "off"}
             t0 = time.perf_counter()
             layout = self.quadtree(canvas)
             qt_build = time.perf_counter() - t0
-            quad = dict(method="Mixture of Diffusers", tile_overlap=self.overlap, variable_denoise="schedule",
-                        quadtree=layout)
+            quad = {"method": "Mixture of Diffusers", "tile_overlap": self.overlap, "variable_denoise": "schedule",
+                    "quadtree": layout}
             print(f"{canvas}px: quadtree of {len(layout.tiles)} tiles {layout.size_histogram()} "
                   f"(built in {qt_build:.1f} s)", flush=True)
             self.info.setdefault("quadtrees", {})[canvas] = {"tiles": len(layout.tiles),
@@ -258,11 +258,14 @@ class GpuBench:
                                                              "build_s": qt_build}
             if not self.args.no_untiled:
                 self.run(canvas, "untiled", None, lat)
-            for k in self.batches:
+            # auto first, then the fixed batches from large to small: if the time budget runs out,
+            # what goes is tile batch 1 at the largest canvas (the slowest and least telling run)
+            for k in sorted(self.batches, key=lambda b: (b != 0, -b)):
                 self.run(canvas, "grid", dict(grid, tile_batch_size=k), lat, batch=k)
-            for k in self.batches:
                 self.run(canvas, "quadtree schedule", dict(quad, tile_batch_size=k), lat, batch=k)
-            self.run(canvas, "quadtree off", dict(quad, variable_denoise="off", tile_batch_size=0), lat, batch=0)
+                if k == 0:
+                    self.run(canvas, "quadtree off", dict(quad, variable_denoise="off", tile_batch_size=0), lat,
+                             batch=0)
             if self.elapsed() <= self.args.budget_s:
                 self.engine_alone(canvas, "grid", dict(grid, tile_batch_size=8))
                 self.engine_alone(canvas, "quadtree schedule", dict(quad, tile_batch_size=8))
@@ -322,10 +325,10 @@ class GpuBench:
                 f"{r['s_per_tile'] * 1e6:.0f}") for r in self.engine_rows]
         md = [f"# bench_gpu: {self.info.get('gpu', self.info['cpu'])}",
               "",
-              f"torch {self.info['torch']}, ComfyUI {self.info['comfyui']}, {self.info['model']}, "
-              f"{self.steps} euler steps, CFG 7, grid {self.tile}px tiles / {self.overlap}px overlap, quadtree "
-              f"{self.qt_min}-{self.qt_max}px tiles (denoise 0.2-0.8), date {self.info['date']}; KSampler path: "
-              f"{self.ksampler_path}; command: `{self.info['command']}`",
+              (f"torch {self.info['torch']}, ComfyUI {self.info['comfyui']}, {self.info['model']}, "
+               f"{self.steps} euler steps, CFG 7, grid {self.tile}px tiles / {self.overlap}px overlap, quadtree "
+               f"{self.qt_min}-{self.qt_max}px tiles (denoise 0.2-0.8), date {self.info['date']}; KSampler path: "
+               f"{self.ksampler_path}; command: `{self.info['command']}`"),
               "",
               benchlib.fmt_table(headers, table),
               "",

@@ -92,7 +92,7 @@ def demo_photo_maker():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return lambda size: module.make_photo(size)
-    except Exception as e:  # the photo is a convenience: fall back to the fixture photo
+    except Exception as e:  # noqa: BLE001  the photo is a convenience: fall back to the fixture photo
         logging.getLogger(__name__).warning("demo photo unavailable (%s); using the fixture photo", e)
         return None
 
@@ -112,7 +112,7 @@ def versions(comfy_path: str) -> dict:
         sys.path.insert(0, comfy_path)
         import comfyui_version
         comfy_version = comfyui_version.__version__
-    except Exception:
+    except Exception:  # noqa: BLE001  a version string only
         comfy_version = "?"
     info = {"torch": torch.__version__, "comfyui": comfy_version, "python": platform.python_version(),
             "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -315,9 +315,9 @@ class RunSummaryLog(logging.Handler):
 def tile_model(pack, model, **kw):
     """QuadtreeDiffusion node applied to ``model`` (node defaults overridden by ``kw``)."""
     node = pack.NODE_CLASS_MAPPINGS["QuadtreeDiffusion"]
-    args = dict(method="Mixture of Diffusers", enable_overlap=True, tile_overlap=64, tile_batch_size=4,
-                skip_diffusion_below=0, variable_denoise="off", tile_width=1024, tile_height=1024,
-                quadtree=None)
+    args = {"method": "Mixture of Diffusers", "enable_overlap": True, "tile_overlap": 64, "tile_batch_size": 4,
+            "skip_diffusion_below": 0, "variable_denoise": "off", "tile_width": 1024, "tile_height": 1024,
+            "quadtree": None}
     args.update(kw)
     (m,) = node().apply(model, **args)
     return m
@@ -335,8 +335,9 @@ def engine_config(pack, **kw):
 
 def window_area_ratio(pack, base_model, H: int, W: int, **kw) -> tuple[float, object]:
     """(sum of evaluated tile-window areas / canvas area, plan) from the engine's own Plan."""
-    import torch
     from importlib import import_module
+
+    import torch
     utils = import_module(pack.__name__ + ".utils")
     td = pack.tiled_diffusion
     plan = td.plan_for(engine_config(pack, **kw), H, W, utils.latent_compression(base_model),
@@ -367,7 +368,7 @@ def fmt_table(headers, rows) -> str:
     """A GitHub-markdown table."""
     cells = [[str(h) for h in headers]] + [[str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
@@ -398,8 +399,9 @@ def engine_only(pack, H: int, W: int, cfg_kw: dict, steps: int = 10, device="cpu
     """Time the engine's ``__call__`` (a TiledDiffusion wrapper) around :class:`IdentityModel`,
     as KSampler would drive it: a RunState in transformer_options, the step counter advanced
     per call, cond and uncond in one call. Returns s per call, per tile and the call count."""
-    import torch
     from importlib import import_module
+
+    import torch
     td = pack.tiled_diffusion
     utils = import_module(pack.__name__ + ".utils")
     dtype = dtype or torch.float32
@@ -450,16 +452,16 @@ def ksampler(model, positive, negative, latent: dict, seed=0, steps=20, cfg=7.0,
     Returns (samples, path) with path naming which one ran."""
     try:
         import nodes as comfy_nodes
-        (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
-                                             negative, latent, denoise=denoise)
-        return out["samples"], "nodes.common_ksampler"
-    except ImportError as e:
+    except Exception as e:  # noqa: BLE001  e.g. PyAV missing; only the import falls back, never a run
         import comfy.sample
         latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(latent_image, seed, None)
         samples = comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative,
                                       latent_image, denoise=denoise, callback=None, disable_pbar=True, seed=seed)
-        return samples, f"comfy.sample.sample (ComfyUI's nodes not importable: {e})"
+        return samples, f"comfy.sample.sample (ComfyUI's nodes not importable: {type(e).__name__}: {e})"
+    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
+                                         negative, latent, denoise=denoise)
+    return out["samples"], "nodes.common_ksampler"
 
 
 def call_signature(x, t, c) -> tuple:

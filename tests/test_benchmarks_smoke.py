@@ -20,7 +20,7 @@ pytestmark = pytest.mark.benchmark
 
 def _run(args, timeout):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable] + args, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *args], check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n" \
                                  f"--- stderr\n{proc.stderr[-4000:]}"
