@@ -342,7 +342,8 @@ def quadtree_upscale_tile_controlnet() -> Graph:
                       filename_prefix="quadtree/tile_cn_visualisation")
     cnl = g.node("ControlNetLoader", (40, 860), (320, 60), control_net_name=TILE_CN)
     cna = g.node("ControlNetApplyAdvanced", (880, 360), (340, 190), strength=0.6, start_percent=0.0,
-                 end_percent=0.9)
+                 end_percent=1.0)  # with variable_denoise=schedule low-denoise tiles are sampled only in
+    # the last steps: an end_percent below 1 would leave them without control
     enc = g.node("VAEEncodeTiled", (760, 620), (300, 150), **VAE_TILED)
     qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
                 tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",

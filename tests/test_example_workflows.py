@@ -375,9 +375,8 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
 def test_tile_controlnet_changes_the_tiled_result(comfy_server, test_image):
     """The ControlNet of workflow (4) acts through the tiled sampling: strength 0 (ComfyUI then
     leaves the conditioning untouched) gives another image than the shipped strength."""
-    # 6 steps: every tile (denoise >= 0.3) is then sampled in >= 2 steps, and the first of them
-    # lies before end_percent 0.9, where ComfyUI switches the ControlNet off (with 2 'normal'
-    # steps the only active step would be at sigma 0.03, after it).
+    # 6 steps: every tile (denoise >= 0.3) is then sampled in >= 2 steps (with variable_denoise
+    # 'schedule' a tile is only sampled in the last round(denoise * steps) steps).
     prompt = shrink(substitute(load(api_path("quadtree_upscale_tile_controlnet")), "tiny_sd15"), test_image, 6)
     (apply_id,) = [k for k, v in prompt.items() if v["class_type"] == "ControlNetApplyAdvanced"]
     (save_id,) = [k for k, v in prompt.items() if v["inputs"].get("filename_prefix", "").endswith("tile_cn_upscale")]
