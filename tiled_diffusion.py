@@ -162,18 +162,21 @@ def snap_tile(tile: int, length: int, align: int) -> int:
 def aligned_grid_starts(length: int, tile: int, overlap: int, align: int) -> list[int]:
     """:func:`quadtree.grid_starts` on the patch grid: every start a multiple of ``align`` except
     a last window flush with an axis end that is not (so no window needs padding by a
-    patchifying model).  ``tile`` is a multiple of ``align`` or the whole axis."""
+    patchifying model).  ``tile`` is a multiple of ``align`` or the whole axis.  Neighbours
+    still share >= ``overlap``; a one-patch tile with an overlap (which only unaligned starts can
+    give) keeps the unaligned starts."""
     if align <= 1 or tile >= length:
         return qt.grid_starts(length, tile, overlap)
-    r = length % align
-    n_tile = tile // align
-    n_overlap = min(-(-(overlap + r) // align), n_tile - 1)
+    n_tile, n_overlap = tile // align, -(-overlap // align)
+    if n_overlap >= n_tile and overlap > 0:
+        return qt.grid_starts(length, tile, overlap)
     starts = [s * align for s in qt.grid_starts(length // align, n_tile, n_overlap)]
-    if r:
-        if len(starts) > 1 and starts[-2] + tile >= length - tile + min(overlap, tile - 1):
-            starts[-1] = length - tile
+    last = length - tile
+    if starts[-1] != last:       # an axis that is not a whole number of patches
+        if len(starts) > 1 and starts[-2] + tile - last >= overlap:
+            starts[-1] = last
         else:
-            starts.append(length - tile)
+            starts.append(last)
     return starts
 
 
