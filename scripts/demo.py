@@ -512,6 +512,9 @@ def main(argv=None) -> int:
         dhist[k] = dhist.get(k, 0) + 1
         active[k] = vd.active_steps(d, steps)
     predicted = vd.schedule_model_calls(dens, steps)
+    if predicted != qrun["tile_evaluations"]:
+        print(f"[demo] WARNING: the engine made {qrun['tile_evaluations']} tile evaluations, the layout's "
+              f"schedule predicts {predicted} (variable_denoise.schedule_model_calls)")
     # latent area evaluated, from the engine's own windows for this layout
     area = evaluated_area(layout, prompt, steps, vd)
     canvas_area = (layout.width // 8) * (layout.height // 8)
