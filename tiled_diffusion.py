@@ -187,7 +187,7 @@ def crop_scaled(v: torch.Tensor, win: Window, scale) -> torch.Tensor:
     return v[..., y0:y1, x0:x1]
 
 
-def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = True):
+def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = True, cache=None):
     """One conditioning value for a batch of tile windows, chunk-major.
 
     Tensors of batch N: spatial ones (>= 4-D, canvas-sized at some scale) are cropped to each
@@ -204,22 +204,28 @@ def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = T
                 vv = v.reshape(n_chunks, N // n_chunks, *v.shape[1:])
                 crops = torch.stack([crop_scaled(vv, w, scale) for w in wins], dim=1)
                 return crops.reshape(-1, *crops.shape[3:])
-        return chunk_repeat(v, n_chunks, k)
+        if cache is None:
+            return chunk_repeat(v, n_chunks, k)
+        key = (id(v), k)      # the same tensor repeated for the same tile count: one copy per call
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = chunk_repeat(v, n_chunks, k)
+        return hit
     if isinstance(v, dict):
-        return {kk: tile_value(vv, wins, n_chunks, N, H, W, spatial) for kk, vv in v.items()}
+        return {kk: tile_value(vv, wins, n_chunks, N, H, W, spatial, cache) for kk, vv in v.items()}
     if isinstance(v, (list, tuple)):
-        return type(v)(tile_value(e, wins, n_chunks, N, H, W, spatial) if e is not None else None for e in v)
+        return type(v)(tile_value(e, wins, n_chunks, N, H, W, spatial, cache) if e is not None else None for e in v)
     return v
 
 
-def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int) -> dict:
+def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int, cache=None) -> dict:
     """The model kwargs for a batch of tiles (see :func:`tile_value`)."""
     out = {}
     for key, v in c.items():
         if key == "transformer_options" or hasattr(v, "tile_control"):
             out[key] = v    # deferred control is computed per tile batch in TiledDiffusion._evaluate
         else:
-            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in LIST_KEYS_WHOLE)
+            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in LIST_KEYS_WHOLE, cache=cache)
     return out
 
 
@@ -429,7 +435,7 @@ class RunState:
     step: int = 0
     plans: dict = field(default_factory=dict)     # batch item -> Plan
     spot: tuple = ()
-    batch: int = 0
+    batch: dict = field(default_factory=dict)    # window size -> auto tile batch
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
                                                  "schedule_saved": 0})
     logged: set = field(default_factory=set)
@@ -453,7 +459,8 @@ class TiledDiffusion:
     def __init__(self, cfg: TileConfig, inner=None):
         self.cfg = cfg
         self.inner = inner          # a model_function_wrapper that was already on the model
-        self._plans: dict = {}      # plans of calls made outside a sampling run (bounded)
+        self._plans: dict = {}      # plans by canvas/device/dtype/item (bounded), reused by later runs
+        self._largest: dict = {}    # largest window per canvas, for memory planning
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options; the engine is immutable configuration
@@ -491,18 +498,29 @@ class TiledDiffusion:
             base = model.model
             c, a = latent_compression(base), latent_patch_size(base)
             H, W = int(noise_shape[-2]), int(noise_shape[-1])
-            plans = [plan_for(self.cfg, H, W, c, a, "cpu", torch.float32, item=i)
-                     for i in range(len(self.cfg.layouts))]
-            h = max(w.size[0] for plan in plans for w in plan.windows)
-            w = max(w.size[1] for plan in plans for w in plan.windows)
-            k = self.cfg.tile_batch_size or 1
-            k = min(k, max(len(plan.windows) for plan in plans))
+            h, w, n = self._largest_tile(H, W, c, a)
+            k = min(self.cfg.tile_batch_size or 1, n)
             noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
         except ValueError:
             raise
         except Exception as e:  # never block sampling on an estimate
             log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
         return executor(model, noise_shape, conds, model_options=model_options)
+
+    def _largest_tile(self, H: int, W: int, compression: int, align: int) -> tuple[int, int, int]:
+        """(largest window height, width, most windows) over the layouts on an H x W latent; cached."""
+        key = (H, W, compression, align)
+        hit = self._largest.get(key)
+        if hit is None:
+            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i)
+                     for i in range(len(self.cfg.layouts))]
+            hit = (max(w.size[0] for plan in plans for w in plan.windows),
+                   max(w.size[1] for plan in plans for w in plan.windows),
+                   max(len(plan.windows) for plan in plans))
+            if len(self._largest) >= 8:
+                self._largest.clear()
+            self._largest[key] = hit
+        return hit
 
     # ---- logging (once per run)
     def _log_run_start(self, run: RunState, to: dict):
@@ -673,11 +691,11 @@ class TiledDiffusion:
         k = self.cfg.tile_batch_size
         if k > 0:
             return k
-        if run is not None and run.batch:
-            return run.batch
+        if run is not None and size in run.batch:
+            return run.batch[size]
         k = auto_batch_size(getattr(apply_model, "__self__", None), x, n_chunks, size)
         if run is not None:
-            run.batch = k
+            run.batch[size] = k      # per window size: a quadtree's sizes differ up to 64x in area
         return k
 
     def _evaluate(self, apply_model, x, t, c, cou, n_chunks, plan: Plan, evaluated, weights, run,
@@ -690,6 +708,7 @@ class TiledDiffusion:
         xv = x.reshape(n_chunks, B, *x.shape[1:])
         out = torch.zeros_like(x)
         ov = out.reshape(n_chunks, B, *x.shape[1:])
+        rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         for group in plan.groups(evaluated):
             h, w = plan.windows[group[0]].size
             k = max(1, self._batch_size(run, apply_model, x, c, n_chunks, plan, (h, w)))
@@ -699,15 +718,15 @@ class TiledDiffusion:
                 wins = [plan.windows[i] for i in idx]
                 xt = torch.stack([xv[..., wi.y0:wi.y1, wi.x0:wi.x1] for wi in wins], dim=1)
                 xt = xt.reshape(-1, *xt.shape[3:])
-                tt = chunk_repeat(t, n_chunks, len(idx)) if t.ndim > 0 and t.shape[0] == N else t
-                ct = tile_cond(c, wins, n_chunks, N, H, W)
+                tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
+                ct = tile_cond(c, wins, n_chunks, N, H, W, rep)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks, shift))
                 pred = self._model(apply_model, xt, tt, ct, cou)
                 pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
                 for j, (i, wi) in enumerate(zip(idx, wins)):
-                    ov[..., wi.y0:wi.y1, wi.x0:wi.x1] += pv[:, j] * weights[i]
+                    ov[..., wi.y0:wi.y1, wi.x0:wi.x1].addcmul_(pv[:, j], weights[i])
         return out
 
     def _model(self, apply_model, xt, tt, ct, cou):

@@ -88,7 +88,9 @@ def check_plan(td, qt, plan, cfg, H, W, align, dtype):
     assert sorted(norm) == list(range(n))
     for i, v in norm.items():
         assert v.shape == plan.windows[i].size and v.dtype == dtype
-        assert bool(torch.isfinite(v).all()) and float(v.min()) > 0.0, (i, plan.windows[i])
+        # positive in float32/bfloat16; in float16 a weight below 6e-8 of a dominated window rounds to 0
+        floor_ok = float(v.min()) >= 0.0 if dtype == torch.float16 else float(v.min()) > 0.0
+        assert bool(torch.isfinite(v).all()) and floor_ok, (i, plan.windows[i])
     total = scatter(plan, norm)
     assert float((total - 1).abs().max()) <= TOL[dtype], float((total - 1).abs().max())
 
@@ -139,6 +141,7 @@ def test_plan_properties(td, qt, H, W, method, overlap, enable, tw, th, skip, al
         # the tile in latent px, clamped to the canvas, at least one patch (align) where the canvas allows
         eth = max(max(1, min(H, th // C)), min(H, align))
         etw = max(max(1, min(W, tw // C)), min(W, align))
+        eth, etw = td.snap_tile(eth, H, align), td.snap_tile(etw, W, align)   # on the model's patch grid
         if method == "SpotDiffusion":          # the non-overlapping grid partition
             assert {(w.core[1] - w.core[0]) for w in plan.windows if w.core[1] < H} <= {eth}
             assert {(w.core[3] - w.core[2]) for w in plan.windows if w.core[3] < W} <= {etw}
