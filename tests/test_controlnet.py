@@ -75,7 +75,7 @@ def gradient(batch=1, w=W_PX, h=H_PX):
     return torch.stack(imgs)
 
 
-def with_control(pn, control, image, strength=1.0, start=0.0, end=1.0):
+def with_control(pn, control, image, strength=1.0, start=0.0, end=1.0, vae=None):
     """Attach a control to (positive, negative) like ControlNetApplyAdvanced does -- one control
     object shared by both, chained onto any control already there -- also for strength 0, which
     that node short-circuits."""
@@ -88,7 +88,7 @@ def with_control(pn, control, image, strength=1.0, start=0.0, end=1.0):
             d = dict(opts)
             prev = d.get("control")
             if prev not in made:
-                made[prev] = control.copy().set_cond_hint(hint, strength, (start, end))
+                made[prev] = control.copy().set_cond_hint(hint, strength, (start, end), vae=vae)
                 made[prev].set_previous_controlnet(prev)
             d["control"] = made[prev]
             d["control_apply_to_uncond"] = False
@@ -111,9 +111,11 @@ def tiled(pack, fx, model, **kw):
 
 
 def plan_of(pack, m, w_px=W_PX, h_px=H_PX):
+    """The engine's plan for the canvas (the model's own patch alignment)."""
     td = pack.tiled_diffusion
     engine = m.model_options["model_function_wrapper"]
-    return td.plan_for(engine.cfg, h_px // 8, w_px // 8, 8, 1, "cpu", torch.float32)
+    align = pack.utils.latent_patch_size(m.model)
+    return td.plan_for(engine.cfg, h_px // 8, w_px // 8, 8, align, "cpu", torch.float32)
 
 
 def latent(batch=1, seed=5):
@@ -136,21 +138,22 @@ def cnet2(fx):
     return tiny_controlnet(fx, 12)
 
 
-def window_of(crop, hint_px, windows):
-    """The plan window whose pixel crop of ``hint_px`` [3,H,W] equals ``crop`` [3,h,w] (or None)."""
+def window_of(crop, hint_px, windows, s=8):
+    """The plan window whose crop of ``hint_px`` [C,H,W] (``s`` hint px per latent px) equals
+    ``crop`` [C,h,w] (or None)."""
     for w in windows:
-        ref = hint_px[:, w.y0 * 8:w.y1 * 8, w.x0 * 8:w.x1 * 8]
+        ref = hint_px[:, w.y0 * s:w.y1 * s, w.x0 * s:w.x1 * s]
         if ref.shape == crop.shape and torch.equal(ref, crop):
             return (w.y0, w.y1, w.x0, w.x1)
     return None
 
 
-def seen_windows(calls, hint_imgs, windows, n_chunks, batch):
+def seen_windows(calls, hint_imgs, windows, n_chunks, batch, s=8):
     """For every control call: each hint row is a window's crop of its batch item's image, the
     chunk blocks repeat, the hint is 8x the x tile; returns the Counter of windows seen (per chunk)."""
     seen = Counter()
     for xshape, hint in calls:
-        assert xshape is None or tuple(hint.shape[-2:]) == (xshape[-2] * 8, xshape[-1] * 8)
+        assert xshape is None or tuple(hint.shape[-2:]) == (xshape[-2] * s, xshape[-1] * s)
         rows = hint.shape[0]
         if xshape is not None and rows == 1:        # single tile, single image: broadcast by conv
             k = 1
@@ -163,12 +166,12 @@ def seen_windows(calls, hint_imgs, windows, n_chunks, batch):
         for j in range(k):
             for b in range(batch):
                 row = hint[min(j * batch + b, rows - 1)]
-                win = window_of(row, hint_imgs[b if rows > 1 else 0], windows)
+                win = window_of(row, hint_imgs[b if rows > 1 else 0], windows, s)
                 assert win is not None, f"hint row {j},{b} is no window's crop of image {b}"
                 if b == 0:
                     seen[win] += 1
                 else:   # the same tile for every batch item
-                    assert win == window_of(hint[j * batch], hint_imgs[0], windows)
+                    assert win == window_of(hint[j * batch], hint_imgs[0], windows, s)
     return seen
 
 
@@ -449,3 +452,78 @@ def test_per_image_layouts_take_each_items_own_hint(pack, fx, sd15, cnet):
             seen[hits[0]][window_of(row, hints[hits[0]], plans[hits[0]].windows)] += 1
     for i in range(2):
         assert seen[i] == Counter({(w.y0, w.y1, w.x0, w.x1): 1 for w in plans[i].windows})
+
+
+# --------------------------------------------------------------------------- latent-input ControlNet
+
+class LatentVAE:
+    """Duck-typed VAE with 16 latent channels (what a latent-input ControlNet encodes its hint
+    with): 8x8 average pool and a fixed 3 -> 16 map; records every encode."""
+
+    def __init__(self):
+        self.map = torch.randn(16, 3, generator=torch.Generator().manual_seed(7))
+        self.calls = []
+
+    def spacial_compression_encode(self):
+        return 8
+
+    def encode(self, pixels):
+        self.calls.append(tuple(pixels.shape))
+        px = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1).float(), 8)
+        return torch.einsum("lc,bchw->blhw", self.map, px)
+
+
+def tiny_flux(fx):
+    import comfy.model_base as mb
+    import comfy.supported_models as sm
+    cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64,
+               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+               theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    config = sm.Flux(cfg)
+    config.set_inference_dtype(torch.float32, None)
+    model = mb.Flux(config, device=torch.device("cpu"))
+    fx.init_module_(model.diffusion_model, 0)
+    return fx._patcher(model.eval()), cfg
+
+
+def tiny_flux_instantx(fx, cfg, seed):
+    """A real InstantX-style FLUX ControlNet (latent input, 16 channels), built like
+    comfy.controlnet.load_controlnet_flux_instantx builds it."""
+    import comfy.controlnet
+    import comfy.latent_formats
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, control_latent_channels=16,
+                                                   operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                                                   device=torch.device("cpu"), **cfg)
+    fx.init_module_(net, seed)
+    rec = Recorder(net.eval())
+    control = comfy.controlnet.ControlNet(rec, compression_ratio=1, latent_format=comfy.latent_formats.Flux(),
+                                          load_device=torch.device("cpu"), extra_conds=["y", "guidance"])
+    return control, rec
+
+
+def test_latent_input_controlnet_crops_the_encoded_hint(pack, fx):
+    """A latent-input ControlNet (SD3/FLUX union/InstantX style): the hint is VAE-encoded once per
+    run at the canvas size (as ComfyUI does untiled) and each tile gets its crop in latent units."""
+    import comfy.latent_formats
+    flux, cfg = tiny_flux(fx)
+    control, rec = tiny_flux_instantx(fx, cfg, 31)
+    vae = LatentVAE()
+    img = gradient(1)
+    pn = with_control(conds(fx), control, img, vae=vae)
+    lat = torch.randn(1, 16, H_PX // 8, W_PX // 8, generator=torch.Generator().manual_seed(3))
+    ref = fx.run_ksampler(flux, *pn, lat, steps=2, cfg=3.0, denoise=0.9)
+    one = fx.run_ksampler(tiled(pack, fx, flux, tile_width=W_PX, tile_height=H_PX), *pn, lat, steps=2, cfg=3.0,
+                          denoise=0.9)
+    assert torch.equal(one, ref)
+    m = tiled(pack, fx, flux)
+    plan = plan_of(pack, m)
+    vae.calls.clear()
+    rec.calls.clear()
+    out = fx.run_ksampler(m, *pn, lat, steps=2, cfg=3.0, denoise=0.9)
+    assert torch.isfinite(out).all()
+    assert vae.calls == [(1, H_PX, W_PX, 3)]          # encoded once, the whole canvas
+    encoded = comfy.latent_formats.Flux().process_in(vae.encode(img))
+    seen = seen_windows(rec.calls, encoded, plan.windows, n_chunks=2, batch=1, s=1)
+    assert seen == Counter({(w.y0, w.y1, w.x0, w.x1): 2 for w in plan.windows})
