@@ -18,6 +18,7 @@ provision:
 	scripts/provision.sh
 
 test:
+	scripts/install_browser.sh || echo "[make test] could not install chromium: the browser test will skip"
 	$(PROVISION)
 	"$$QTD_VENV/bin/python" -m pytest $(PYTEST_ARGS)
 

@@ -19,7 +19,10 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${QTD_CACHE:-$REPO/.cache}"
 VENV="$CACHE/venv"
 PY="${QTD_PYTHON:-$(command -v python3.11 || command -v python3)}"
-STAMP="$CACHE/.provisioned-v1"
+# The stamp names what was installed: a change of requirements-dev.txt or of the ComfyUI
+# checkout re-runs the (idempotent) install steps.
+STAMP_ID="$( (cat "$REPO/requirements-dev.txt"; echo "${COMFYUI_PATH:-cache}") | sha256sum | cut -c1-16)"
+STAMP="$CACHE/.provisioned-$STAMP_ID"
 mkdir -p "$CACHE"
 
 log() { echo "[provision] $*" >&2; }
@@ -73,6 +76,7 @@ PY
   log "installing ComfyUI requirements and test extras"
   "${PIP[@]}" -r "$COMFY/requirements.txt" requests
   "${PIP[@]}" -r "$REPO/requirements-dev.txt"
+  rm -f "$CACHE"/.provisioned-*
   touch "$STAMP"
   log "runtime ready: $VENV, $COMFY"
 fi
