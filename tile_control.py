@@ -191,14 +191,14 @@ def canvas_hint(control, H: int, W: int, device) -> torch.Tensor:
         return _prepare_other_hint(control, H, W)
     hint = control.cond_hint
     r = control.compression_ratio
-    if hint is not None and hint.shape[-2] == H * r and hint.shape[-1] == W * r and hint.device == device:
-        return hint
-    if kind == "t2i":
+    if kind == "t2i":       # T2I rounds its hint up to the adapter's unshuffle size; lives on its device
         width, height = control.scale_image_to(W * r, H * r)
         if hint is not None and hint.shape[-2] == height and hint.shape[-1] == width:
             return hint
         hint = _prepare_t2i_hint(control, H, W)
     else:
+        if hint is not None and hint.shape[-2] == H * r and hint.shape[-1] == W * r and hint.device == device:
+            return hint
         hint = _prepare_controlnet_hint(control, H, W, device)
     control.cond_hint = hint
     return hint
