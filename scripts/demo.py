@@ -36,7 +36,6 @@ import copy
 import importlib
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil

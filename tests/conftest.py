@@ -39,6 +39,7 @@ qtd_server = _load_by_path("qtd_server", os.path.join(TESTS_DIR, "server.py"))
 
 # ComfyUI on sys.path, repo root off it, CPU forced -- before anything imports comfy/torch users.
 COMFYUI_PATH = qtd_fixtures.setup_comfy()
+qtd_reliability = _load_by_path("qtd_reliability", os.path.join(TESTS_DIR, "reliability.py"))
 import nodes as comfy_nodes  # noqa: E402  ComfyUI's nodes.py (asserted below)
 
 assert os.path.realpath(comfy_nodes.__file__).startswith(COMFYUI_PATH + os.sep), comfy_nodes.__file__

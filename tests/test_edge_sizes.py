@@ -4,10 +4,7 @@ A canvas smaller than one tile, an 8x8 latent (64x64 px), a 1-latent-pixel strip
 two tiles, and more than 1,000 tiles.  In-process with the local fixture model (known receptive
 radius), plus two of the sizes through a real server compared with the in-process result.
 """
-import importlib.util
 import logging
-import os
-import sys
 
 import pytest
 import torch
@@ -17,15 +14,6 @@ import qtd_fixtures as fx
 METHODS = ["MultiDiffusion", "Mixture of Diffusers", "SpotDiffusion"]
 
 
-def _load_reliability():
-    """tests/reliability.py as module ``qtd_reliability`` (importlib mode: tests/ is not on sys.path)."""
-    if "qtd_reliability" not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "reliability.py")
-        spec = importlib.util.spec_from_file_location("qtd_reliability", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qtd_reliability"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["qtd_reliability"]
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +170,7 @@ def test_more_than_1000_tiles_warns_once_and_stays_close_to_untiled(pack, local_
 @pytest.mark.slow
 @pytest.mark.parametrize("w, h", [(136, 128), (64, 64)], ids=["strip", "8x8latent"])
 def test_edge_sizes_through_the_server_match_in_process(comfy_server, pack, local, w, h):
-    rl = _load_reliability()
+    import qtd_reliability as rl  # registered by conftest.py (tests/reliability.py)
     oi = comfy_server.object_info()
     kw = dict(method="Mixture of Diffusers", overlap=32, tile_width=64, tile_height=64, tile_batch_size=4,
               steps=3, cfg=5.0, seed=21, width=w, height=h, text=f"edge {w}x{h}", negative="blurry")

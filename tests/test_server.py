@@ -28,30 +28,12 @@ EXPECTED_ORDER = {
 }
 PROMPT_TIMEOUT = 240
 
+from qtd_reliability import node  # noqa: E402  (registered by conftest.py)
+
 
 @pytest.fixture(scope="module")
 def object_info(comfy_server):
     return comfy_server.object_info()
-
-
-def widget_defaults(object_info, class_type):
-    """Default values of a node's widget inputs, as the frontend would fill them in."""
-    out = {}
-    for section in ("required", "optional"):
-        for name, spec in object_info[class_type]["input"].get(section, {}).items():
-            kind = spec[0]
-            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if isinstance(kind, list):
-                out[name] = opts.get("default", kind[0] if kind else None)
-            elif kind == "COMBO":
-                out[name] = opts.get("default", opts.get("options", [None])[0])
-            elif "default" in opts:
-                out[name] = opts["default"]
-    return out
-
-
-def node(object_info, class_type, **inputs):
-    return {"class_type": class_type, "inputs": {**widget_defaults(object_info, class_type), **inputs}}
 
 
 def read_png(path):

@@ -4,10 +4,7 @@ Outputs are compared exactly: every workflow ends in ``SaveLatent`` and the save
 are read back (tests/reliability.py).  Before comparing a re-run, the tests check that ComfyUI
 really executed the sampler again (it is not in the prompt's ``execution_cached`` list).
 """
-import importlib.util
 import math
-import os
-import sys
 import time
 
 import pytest
@@ -18,18 +15,9 @@ pytestmark = pytest.mark.slow
 PROMPT_TIMEOUT = 240
 
 
-def _load_reliability():
-    """tests/reliability.py as module ``qtd_reliability`` (importlib mode: tests/ is not on sys.path)."""
-    if "qtd_reliability" not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "reliability.py")
-        spec = importlib.util.spec_from_file_location("qtd_reliability", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qtd_reliability"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["qtd_reliability"]
 
 
-rl = _load_reliability()
+import qtd_reliability as rl  # registered by conftest.py (tests/reliability.py)
 
 
 @pytest.fixture(scope="module")

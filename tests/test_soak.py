@@ -13,10 +13,8 @@ size, txt2img/img2img, batch 1-2 and SpotDiffusion shift parameters are drawn fr
 Sizes are tiny (64-192 px, 2-3 steps, local fixture model) so the soak fits in a few minutes on
 two CPU cores.
 """
-import importlib.util
 import os
 import random
-import sys
 import time
 
 import pytest
@@ -37,18 +35,9 @@ SIZES = [(64, 64), (128, 64), (64, 128), (128, 128), (136, 128), (192, 128)]
 SHIFTS = ["random", "sorted", "fibonacci"]
 
 
-def _load_reliability():
-    """tests/reliability.py as module ``qtd_reliability`` (importlib mode: tests/ is not on sys.path)."""
-    if "qtd_reliability" not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "reliability.py")
-        spec = importlib.util.spec_from_file_location("qtd_reliability", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qtd_reliability"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["qtd_reliability"]
 
 
-rl = _load_reliability()
+import qtd_reliability as rl  # registered by conftest.py (tests/reliability.py)
 
 
 def random_settings(rng: random.Random, i: int) -> dict:

@@ -4,9 +4,7 @@ Through a REAL ComfyUI server (tests/server.py): ``POST /prompt`` validation err
 uses to highlight a node), execution errors in ``/history`` status messages, and the engine's
 log lines in the server log.  The last tests (latent rank / channels) run in-process.
 """
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -14,18 +12,9 @@ import torch
 import qtd_fixtures as fx
 
 
-def _load_reliability():
-    """tests/reliability.py as module ``qtd_reliability`` (importlib mode: tests/ is not on sys.path)."""
-    if "qtd_reliability" not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.realpath(__file__)), "reliability.py")
-        spec = importlib.util.spec_from_file_location("qtd_reliability", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qtd_reliability"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["qtd_reliability"]
 
 
-rl = _load_reliability()
+import qtd_reliability as rl  # registered by conftest.py (tests/reliability.py)
 
 PROMPT_TIMEOUT = 240
 VIS_INPUTS = {"min_denoise", "max_denoise", "min_tile_size", "max_tile_size"}
