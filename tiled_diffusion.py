@@ -420,7 +420,14 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
                 f"latent is {W * compression}x{H * compression}px (aspect ratios differ by "
                 f"{mismatch:.0%}); connect QuadtreeVisualizer to the image you encode into this latent, "
                 f"or disconnect the quadtree input to use a grid")
+        scaled = (layout.width, layout.height) != (W * compression, H * compression)
+        note = (f"quadtree built for a {layout.width}x{layout.height}px image, scaled to the "
+                f"{W * compression}x{H * compression}px latent" if scaled else None)
         layout = qt.scale_layout(layout, W, H, align)
+        plan = Plan(cfg, H, W, compression, align, device, dtype, layout)
+        if note:
+            plan.notes.insert(0, note)
+        return plan
     return Plan(cfg, H, W, compression, align, device, dtype, layout)
 
 

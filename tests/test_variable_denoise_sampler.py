@@ -227,3 +227,18 @@ def test_image_batch_gives_one_layout_per_item(pack, fx, local):
     assert not torch.allclose(one[1], both[1])
     with pytest.raises(ValueError, match="quadtree: 2 layouts"):
         fx.run_ksampler(tiled(pack, fx, local, quadtree=layouts), pos, neg, src[:1], steps=1, denoise=0.5)
+
+
+def test_layout_of_another_size_is_scaled_and_logged(pack, fx, local, photo, source, caplog):
+    """A quadtree built on a 2x image drives a latent of the 1x image: scaled, logged once per run."""
+    big = torch.nn.functional.interpolate(photo.movedim(-1, 1), scale_factor=2, mode="nearest").movedim(1, -1)
+    layout = layout_for(pack, fx, big, 0.0, 1.0, min_tile=128)
+    pos, neg = conds(fx)
+    with caplog.at_level(logging.INFO):
+        out = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, tile_overlap=0), pos, neg, source, steps=3,
+                              denoise=0.8)
+    assert caplog.text.count("quadtree built for a 768x512px image, scaled to the 384x256px latent") == 1
+    for t in layout.tiles:          # d = 0 tiles, in latent units of the small image, keep the source
+        if t.denoise == 0.0:
+            y0, y1, x0, x1 = t.y // 16, (t.y + t.h) // 16, t.x // 16, (t.x + t.w) // 16
+            assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
