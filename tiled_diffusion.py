@@ -107,9 +107,9 @@ def expand(a0: int, a1: int, margin: int, length: int) -> tuple[int, int]:
 
 def gaussian_1d(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """g(i) = exp(-(i - (n-1)/2)^2 / (2 (0.1 n)^2)): Mixture of Diffusers' weights along one axis."""
-    i = torch.arange(n, device=device, dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)      # on the CPU: float64 is not on every device (MPS)
     s = MOD_STD * n
-    return torch.exp(-((i - (n - 1) / 2) ** 2) / (2 * s * s)).to(dtype)
+    return torch.exp(-((i - (n - 1) / 2) ** 2) / (2 * s * s)).to(device=device, dtype=dtype)
 
 
 def window_weight(method: str, h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -260,7 +260,8 @@ class Plan:
         self.periods = self._spot_periods() if self.spot else (0, 0)
 
     # ---- construction
-    def _margin_and_cores(self, layout):
+    def _grid_tile_and_overlap(self, layout):
+        """(grid tile height, width, overlap, layout) in latent px; tile sizes are None with a layout."""
         cfg, H, W, c = self.cfg, self.H, self.W, self.compression
         overlap = (cfg.tile_overlap // c) if cfg.enable_overlap and not self.spot else 0
         if layout is None:
@@ -275,7 +276,7 @@ class Plan:
 
     def _windows(self, layout):
         cfg, H, W, c, a = self.cfg, self.H, self.W, self.compression, self.align
-        th, tw, overlap, layout = self._margin_and_cores(layout)
+        th, tw, overlap, layout = self._grid_tile_and_overlap(layout)
         skip = cfg.skip_below
         out = []
         if layout is None and not self.spot:
@@ -412,6 +413,7 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
     item); a layout from an image of another size is scaled to it."""
     layouts = cfg.layouts
     layout = layouts[item if item < len(layouts) else 0]
+    note = None
     if layout is not None:
         mismatch = qt.aspect_mismatch(layout, W, H)
         if check_aspect and mismatch > ASPECT_TOLERANCE:
@@ -420,15 +422,14 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
                 f"latent is {W * compression}x{H * compression}px (aspect ratios differ by "
                 f"{mismatch:.0%}); connect QuadtreeVisualizer to the image you encode into this latent, "
                 f"or disconnect the quadtree input to use a grid")
-        scaled = (layout.width, layout.height) != (W * compression, H * compression)
-        note = (f"quadtree built for a {layout.width}x{layout.height}px image, scaled to the "
-                f"{W * compression}x{H * compression}px latent" if scaled else None)
+        if (layout.width, layout.height) != (W * compression, H * compression):
+            note = (f"quadtree built for a {layout.width}x{layout.height}px image, scaled to the "
+                    f"{W * compression}x{H * compression}px latent")
         layout = qt.scale_layout(layout, W, H, align)
-        plan = Plan(cfg, H, W, compression, align, device, dtype, layout)
-        if note:
-            plan.notes.insert(0, note)
-        return plan
-    return Plan(cfg, H, W, compression, align, device, dtype, layout)
+    plan = Plan(cfg, H, W, compression, align, device, dtype, layout)
+    if note:
+        plan.notes.insert(0, note)
+    return plan
 
 
 # --------------------------------------------------------------------------- run state
@@ -441,7 +442,7 @@ class RunState:
     canvas: tuple
     step: int = 0
     plans: dict = field(default_factory=dict)     # batch item -> Plan
-    spot: tuple = ()
+    spot: dict = field(default_factory=dict)     # batch item -> (y shifts, x shifts) per step
     batch: dict = field(default_factory=dict)    # window size -> auto tile batch
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
                                                  "schedule_saved": 0})
@@ -468,6 +469,7 @@ class TiledDiffusion:
         self.inner = inner          # a model_function_wrapper that was already on the model
         self._plans: dict = {}      # plans by canvas/device/dtype/item (bounded), reused by later runs
         self._largest: dict = {}    # largest window per canvas, for memory planning
+        self._warned_no_run = False
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options; the engine is immutable configuration
@@ -478,14 +480,13 @@ class TiledDiffusion:
     def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image,
                        denoise_mask, disable_pbar):
         """SAMPLER_SAMPLE: start a RunState for this run and count its steps."""
-        source = latent_image if latent_image is not None else None
-        run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=source,
+        run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=latent_image,
                        canvas=tuple(noise.shape[-2:]))
         mo = extra_args.setdefault("model_options", {})
         to = dict(mo.get("transformer_options", {}))
         to[RUN_KEY] = run
         mo["transformer_options"] = to
-        self._log_run_start(run, to)
+        self._log_run_start(run)
 
         def counting_callback(i, denoised, x, total):
             run.step = i + 1
@@ -530,7 +531,7 @@ class TiledDiffusion:
         return hit
 
     # ---- logging (once per run)
-    def _log_run_start(self, run: RunState, to: dict):
+    def _log_run_start(self, run: RunState):
         cfg = self.cfg
         if cfg.layout is None and cfg.skip_below <= 0:
             return
@@ -566,6 +567,8 @@ class TiledDiffusion:
         src = run.source if run is not None else None
         if src is not None and not _source_fits(src, x, n_chunks):
             src = None
+        if run is not None:
+            run.stats["calls"] += 1
         items = len(self.cfg.layouts)
         if items == 1:
             return self._call_item(apply_model, x, t, c, cou, n_chunks, run, base, src, 0)
@@ -593,9 +596,14 @@ class TiledDiffusion:
         coeffs = [vd.tile_coefficients(self.cfg.variable_denoise if plan_has_levels(self.cfg) else "off",
                                        d, sk, step, n) for d, sk in plan.levels]
         if src is None and any(a != 1.0 or b != 1.0 for a, b in coeffs):
-            if run is None or run.once("nosrc"):
+            if run is None and not self._warned_no_run:
+                self._warned_no_run = True       # once per engine: there is no run to attach it to
                 log.warning("%s WARNING - No sigmas in store, variable denoise will NOT work "
                             "(the model was called outside a KSampler run); tiles run at full strength", PV)
+            elif run.once("nosrc"):
+                log.warning("%s WARNING - the sampler's source latent %s does not match the model input %s: "
+                            "variable denoise and skip will NOT work; tiles run at full strength", PV,
+                            list(run.source.shape) if run.source is not None else None, list(x.shape))
             coeffs = [(1.0, 1.0)] * len(coeffs)
         if self.cfg.variable_denoise == "scale" and run is not None and run.once("scale"):
             d = min(dd for dd, _ in plan.levels)
@@ -605,13 +613,12 @@ class TiledDiffusion:
         active = {lvl for lvl, (a, _) in enumerate(coeffs) if a > 0}
         dy = dx = 0
         if plan.spot:
-            dy, dx = self._spot_shift(run, plan, step, n, to)
+            dy, dx = self._spot_shift(run, plan, step, n, to, item)
             evaluated = plan.spot_evaluated(active, dy, dx)
         else:
             evaluated = tuple(i for i, w in enumerate(plan.windows) if w.level in active)
         if run is not None:
             st = run.stats
-            st["calls"] += 1
             st["full"] += len(plan.windows)
             st["tiles"] += len(evaluated)
             skipped = sum(1 for w in plan.windows if w.skipped)
@@ -683,15 +690,17 @@ class TiledDiffusion:
         sig = [float(s) for s in sigmas.tolist()]
         return vd.nearest_step(sig, float(t.reshape(-1)[0])), vd.steps_of(sig)
 
-    def _spot_shift(self, run, plan: Plan, step: int, n: int, to) -> tuple[int, int]:
-        if run is not None and run.spot:
-            return run.spot[0][step], run.spot[1][step]
+    def _spot_shift(self, run, plan: Plan, step: int, n: int, to, item: int = 0) -> tuple[int, int]:
+        """This step's SpotDiffusion shift (dy, dx), drawn once per run from the SpotDiffusion parameters."""
+        if run is not None and item in run.spot:
+            ys, xs = run.spot[item]
+            return ys[step], xs[step]
         params = to.get(SPOT_KEY) or {}
         method, seed = params.get("shift_method", "random"), int(params.get("seed", 0))
         ys = spot_offsets(n, plan.periods[0], method, seed, plan.align)
         xs = spot_offsets(n, plan.periods[1], method, seed + 1, plan.align)
         if run is not None:
-            run.spot = (ys, xs)
+            run.spot[item] = (ys, xs)
         return ys[step], xs[step]
 
     def _batch_size(self, run, apply_model, x, c, n_chunks, plan, size) -> int:
