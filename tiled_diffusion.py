@@ -540,10 +540,15 @@ class TiledDiffusion:
             lo, hi = cfg.denoise_range
             log.info("%s Denoise range: %.3f to %.3f", PV, lo, hi)
             log.info("%s ENABLED - Tiles will be denoised adaptively (mode=%s)", PV, cfg.variable_denoise)
-        if cfg.skip_below > 0 and run.source is not None and not bool(torch.count_nonzero(run.source)):
+        empty = run.source is not None and not bool(torch.count_nonzero(run.source))   # once per run
+        if empty and cfg.skip_below > 0:
             log.warning("%s skip_diffusion_below=%dpx with an empty (all-zero) latent: skipped tiles "
                         "stay at the empty latent and will come out flat; use skip for img2img only",
                         PS, cfg.skip_below)
+        if empty and cfg.layout is not None and cfg.variable_denoise != "off" and cfg.denoise_range[0] < 1.0:
+            log.warning("%s WARNING - variable denoise with an empty (all-zero) latent: tiles with denoise < 1 "
+                        "start from a blank image and come out flat; for txt2img set variable_denoise to off "
+                        "(or min_denoise = max_denoise = 1)", PV)
 
     def _log_run_end(self, run: RunState):
         s = run.stats

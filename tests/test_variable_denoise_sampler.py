@@ -242,3 +242,14 @@ def test_layout_of_another_size_is_scaled_and_logged(pack, fx, local, photo, sou
         if t.denoise == 0.0:
             y0, y1, x0, x1 = t.y // 16, (t.y + t.h) // 16, t.x // 16, (t.x + t.w) // 16
             assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
+
+
+def test_empty_latent_with_variable_denoise_warns_once(pack, fx, local, photo, caplog):
+    layout = layout_for(pack, fx, photo, 0.2, 0.8)
+    pos, neg = conds(fx)
+    empty = torch.zeros(1, 4, 32, 48)
+    with caplog.at_level(logging.INFO):
+        fx.run_ksampler(tiled(pack, fx, local, quadtree=layout, skip_diffusion_below=128), pos, neg, empty,
+                        steps=3, denoise=1.0)
+    assert caplog.text.count("[Quadtree Variable Denoise]: WARNING - variable denoise with an empty") == 1
+    assert caplog.text.count("[Quadtree Skip]: skip_diffusion_below=128px with an empty (all-zero) latent") == 1
