@@ -255,7 +255,7 @@ class DeferredControl:
         each has its own layout): remembers which batch items, so each keeps its own hint image."""
         n = max(1, self.batched_number)
         B = max(1, N // n)
-        r = [int(i) for i in (rows.tolist() if torch.is_tensor(rows) else rows)]
+        r = list(range(N))[rows] if isinstance(rows, slice) else [int(i) for i in rows]
         items = [i % B for i in r[:max(1, len(r) // n)]]
         if self.items is not None:
             items = [self.items[i] for i in items]

@@ -584,9 +584,9 @@ class TiledDiffusion:
                              f"image")
         out = torch.empty_like(x)
         for b in range(B):
-            rows = torch.arange(n_chunks, device=x.device) * B + b
-            xb = x.index_select(0, rows)
-            tb = t.index_select(0, rows) if t.ndim > 0 and t.shape[0] == x.shape[0] else t
+            rows = slice(b, None, B)     # item b in every cond chunk (rows are chunk-major); no index tensor
+            xb = x[rows]
+            tb = t[rows] if t.ndim > 0 and t.shape[0] == x.shape[0] else t
             cb = select_rows(c, rows, x.shape[0])
             sb = None if src is None else src[b:b + 1] if src.shape[0] == B else src
             out[rows] = self._call_item(apply_model, xb, tb, cb, cou, n_chunks, run, base, sb, b)
@@ -807,12 +807,12 @@ def auto_batch_size(base, x, n_chunks: int, size) -> int:
         return 4
 
 
-def select_rows(v, rows: torch.Tensor, N: int):
+def select_rows(v, rows: slice, N: int):
     """The model kwargs restricted to some rows of the batch (tensors of batch N, recursively)."""
     if hasattr(v, "select_rows"):     # deferred per-tile control (tile_control.DeferredControl)
         return v.select_rows(rows, N)
     if torch.is_tensor(v):
-        return v.index_select(0, rows.to(v.device)) if v.ndim > 0 and v.shape[0] == N else v
+        return v[rows] if v.ndim > 0 and v.shape[0] == N else v
     if isinstance(v, dict):
         return {k: (vv if k == "transformer_options" else select_rows(vv, rows, N)) for k, vv in v.items()}
     if isinstance(v, (list, tuple)):
