@@ -554,6 +554,12 @@ class TiledDiffusion:
         s = run.stats
         if s["calls"] == 0:
             return
+        stepwise = (self.cfg.variable_denoise != "off" and plan_has_levels(self.cfg)) or \
+            self.cfg.method == "SpotDiffusion"
+        if stepwise and run.step == 0 and run.n > 1:
+            log.warning("%s WARNING - the sampler never reported a finished step (it called no callback): "
+                        "per-step settings (variable denoise, SpotDiffusion shifts) stayed at the first step; "
+                        "use a KSampler / SamplerCustom sampler", PV)
         log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
                  "skip (of %d for all tiles at every call)", P, s["calls"], s["tiles"],
                  s["schedule_saved"], s["skip_saved"], s["full"])

@@ -253,3 +253,28 @@ def test_empty_latent_with_variable_denoise_warns_once(pack, fx, local, photo, c
                         steps=3, denoise=1.0)
     assert caplog.text.count("[Quadtree Variable Denoise]: WARNING - variable denoise with an empty") == 1
     assert caplog.text.count("[Quadtree Skip]: skip_diffusion_below=128px with an empty (all-zero) latent") == 1
+
+
+def test_sampler_without_step_reports_is_flagged(pack, fx, local, photo, source, caplog):
+    """A custom sampler that never calls ComfyUI's callback: the run end says per-step settings could not follow."""
+    import comfy.samplers
+    import comfy.sample
+    layout = layout_for(pack, fx, photo, 0.2, 0.8)
+    model = tiled(pack, fx, local, quadtree=layout)
+    inner = comfy.samplers.ksampler("euler")
+
+    class Silent(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            return inner.sample(model_wrap, sigmas, extra_args, None, noise, latent_image, denoise_mask, True)
+
+    pos, neg = conds(fx)
+    noise = comfy.sample.prepare_noise(source, 0)
+    sigmas = comfy.samplers.calculate_sigmas(local.get_model_object("model_sampling"), "normal", 4)
+    with caplog.at_level(logging.INFO):
+        comfy.sample.sample_custom(model, noise, 7.0, Silent(), sigmas, pos, neg, source)
+    assert "the sampler never reported a finished step" in caplog.text
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        fx.run_ksampler(model, pos, neg, source, steps=4, denoise=0.8)
+    assert "the sampler never reported a finished step" not in caplog.text
