@@ -5,12 +5,9 @@ import logging
 
 import torch
 
-import comfy.patcher_extension
-
 from . import quadtree as qt
-from .tile_control import TileControl
-from .tiled_diffusion import TileConfig, TiledDiffusion
-from .utils import METHODS, SHIFT_METHODS, SPOT_KEY, WRAPPER_KEY
+from .tiled_diffusion import TileConfig, tiled_model
+from .utils import METHODS, SHIFT_METHODS, SPOT_KEY
 from .variable_denoise import MODES
 
 log = logging.getLogger(__name__)
@@ -179,19 +176,7 @@ class QuadtreeDiffusion:
                          tile_batch_size=int(tile_batch_size), skip_below=int(skip_diffusion_below),
                          variable_denoise=variable_denoise, tile_width=int(tile_width),
                          tile_height=int(tile_height), layout=quadtree)
-        m = model.clone()
-        inner = m.model_options.get("model_function_wrapper")
-        if isinstance(inner, TiledDiffusion):
-            log.info("[Quadtree Diffusion] the model was already tiled: the new settings replace the old ones")
-            inner = inner.inner
-        engine = TiledDiffusion(cfg, inner)
-        m.set_model_unet_function_wrapper(engine)
-        for kind, fn in ((comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, engine.sampler_sample),
-                         (comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, engine.prepare_sampling),
-                         (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, TileControl(engine).calc_cond_batch)):
-            m.remove_wrappers_with_key(kind, WRAPPER_KEY)
-            m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
-        return (m,)
+        return (tiled_model(model, cfg),)
 
 
 class SpotDiffusionParams_QuadtreeDiffusion:

@@ -25,7 +25,8 @@ import torch
 
 from . import quadtree as qt
 from . import variable_denoise as vd
-from .utils import RUN_KEY, SPOT_KEY, latent_compression, latent_patch_size
+from .tile_control import TileControl
+from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
 
 log = logging.getLogger(__name__)
 
@@ -776,6 +777,28 @@ class TiledDiffusion:
         evaluated = tuple(range(len(plan.windows)))
         return self._evaluate(apply_model, x, t, c, cou, n_chunks, plan, evaluated,
                               plan.normalized(evaluated), run)
+
+
+def tiled_model(model, cfg: TileConfig):
+    """A clone of ``model`` that samples in tiles: the engine as its unet function wrapper plus
+    keyed SAMPLER_SAMPLE (run state), PREPARE_SAMPLING (memory planning) and CALC_COND_BATCH
+    (per-tile ControlNet) wrappers.  A wrapper already on the model is kept and called per tile
+    batch; an earlier Quadtree Diffusion on the same model is replaced, not stacked."""
+    import comfy.patcher_extension
+    m = model.clone()
+    inner = m.model_options.get("model_function_wrapper")
+    if isinstance(inner, TiledDiffusion):
+        log.info("%s the model was already tiled: the new settings replace the old ones", P)
+        inner = inner.inner
+    engine = TiledDiffusion(cfg, inner)
+    m.set_model_unet_function_wrapper(engine)
+    wmp = comfy.patcher_extension.WrappersMP
+    for kind, fn in ((wmp.SAMPLER_SAMPLE, engine.sampler_sample),
+                     (wmp.PREPARE_SAMPLING, engine.prepare_sampling),
+                     (wmp.CALC_COND_BATCH, TileControl(engine).calc_cond_batch)):
+        m.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+    return m
 
 
 def check_latent(base, shape) -> None:
