@@ -278,3 +278,26 @@ def test_sampler_without_step_reports_is_flagged(pack, fx, local, photo, source,
         caplog.clear()
         fx.run_ksampler(model, pos, neg, source, steps=4, denoise=0.8)
     assert "the sampler never reported a finished step" not in caplog.text
+
+
+def test_spotdiffusion_schedule_keeps_zero_tiles_and_skips_inactive_ones(pack, fx, local, photo, source):
+    """SpotDiffusion evaluates shifted tiles; a shifted tile with no active pixel is not evaluated,
+    and d = 0 tiles still come out as the source."""
+    layout = layout_for(pack, fx, photo, 0.0, 1.0)
+    pos, neg = conds(fx)
+    calls = []
+
+    def counting(apply_model, args):
+        calls.append(args["input"].shape[0] // len(args["cond_or_uncond"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    base = local.clone()
+    base.set_model_unet_function_wrapper(counting)
+    out = fx.run_ksampler(tiled(pack, fx, base, quadtree=layout, method="SpotDiffusion"), pos, neg, source,
+                          steps=8, denoise=0.9)
+    zero = core_interiors(layout, lambda t: t.denoise == 0.0, 0)
+    assert zero
+    for y0, y1, x0, x1 in zero:
+        assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
+    assert sum(calls) < 8 * len(layout.tiles)
+    assert float((out - source).abs().mean()) > 1e-2
