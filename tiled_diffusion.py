@@ -188,6 +188,18 @@ def crop_scaled(v: torch.Tensor, win: Window, scale) -> torch.Tensor:
     return v[..., y0:y1, x0:x1]
 
 
+def map_tensors(v, fn):
+    """Apply ``fn`` to every tensor in a (nested) dict / list / tuple of model kwargs; a deferred
+    control marker (it has ``tile_control``) goes to ``fn`` too; everything else is kept as is."""
+    if torch.is_tensor(v) or hasattr(v, "tile_control"):
+        return fn(v)
+    if isinstance(v, dict):
+        return {k: map_tensors(x, fn) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(map_tensors(e, fn) for e in v)
+    return v
+
+
 def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = True, cache=None):
     """One conditioning value for a batch of tile windows, chunk-major.
 
@@ -196,8 +208,9 @@ def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = T
     else (and tensors of another batch) passes unchanged.
     """
     k = len(wins)
-    if torch.is_tensor(v):
-        if v.ndim == 0 or v.shape[0] != N:
+
+    def one(v):
+        if not torch.is_tensor(v) or v.ndim == 0 or v.shape[0] != N:
             return v
         if spatial and v.ndim >= 4:
             scale = spatial_scale(v.shape, H, W)
@@ -212,11 +225,8 @@ def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = T
         if hit is None:
             hit = cache[key] = chunk_repeat(v, n_chunks, k)
         return hit
-    if isinstance(v, dict):
-        return {kk: tile_value(vv, wins, n_chunks, N, H, W, spatial, cache) for kk, vv in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(tile_value(e, wins, n_chunks, N, H, W, spatial, cache) if e is not None else None for e in v)
-    return v
+
+    return map_tensors(v, one)
 
 
 def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int, cache=None) -> dict:
@@ -836,17 +846,13 @@ def auto_batch_size(base, x, n_chunks: int, size) -> int:
         return 4
 
 
-def select_rows(v, rows: slice, N: int):
-    """The model kwargs restricted to some rows of the batch (tensors of batch N, recursively)."""
-    if hasattr(v, "select_rows"):     # deferred per-tile control (tile_control.DeferredControl)
-        return v.select_rows(rows, N)
-    if torch.is_tensor(v):
-        return v[rows] if v.ndim > 0 and v.shape[0] == N else v
-    if isinstance(v, dict):
-        return {k: (vv if k == "transformer_options" else select_rows(vv, rows, N)) for k, vv in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(select_rows(e, rows, N) for e in v)
-    return v
+def select_rows(c: dict, rows: slice, N: int) -> dict:
+    """The model kwargs restricted to some rows of the batch (tensors of batch N, at any depth)."""
+    def one(v):
+        if hasattr(v, "select_rows"):     # deferred per-tile control (tile_control.DeferredControl)
+            return v.select_rows(rows, N)
+        return v[rows] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == N else v
+    return {k: (v if k == "transformer_options" else map_tensors(v, one)) for k, v in c.items()}
 
 
 def _source_fits(src: torch.Tensor, x: torch.Tensor, n_chunks: int) -> bool:
@@ -862,16 +868,9 @@ def _broadcast_source(src, x, n_chunks):
 
 def _roll_cond(c: dict, dy: int, dx: int, N: int, H: int, W: int) -> dict:
     """Roll the canvas-aligned conditioning tensors (c_concat, masks, hints) with the latent."""
-    def roll(v):
-        if torch.is_tensor(v) and v.ndim >= 4 and v.shape[0] == N:
-            scale = spatial_scale(v.shape, H, W)
-            if scale is not None:
-                return torch.roll(v, shifts=(int(round(dy * scale[0])), int(round(dx * scale[1]))),
-                                  dims=(-2, -1))
+    def one(v):
+        scale = spatial_scale(v.shape, H, W) if torch.is_tensor(v) and v.ndim >= 4 and v.shape[0] == N else None
+        if scale is None:
             return v
-        if isinstance(v, dict):
-            return {k: roll(vv) for k, vv in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(roll(e) for e in v)
-        return v
-    return {k: (v if k in ("transformer_options",) + LIST_KEYS_WHOLE else roll(v)) for k, v in c.items()}
+        return torch.roll(v, shifts=(int(round(dy * scale[0])), int(round(dx * scale[1]))), dims=(-2, -1))
+    return {k: (v if k in ("transformer_options",) + LIST_KEYS_WHOLE else map_tensors(v, one)) for k, v in c.items()}
