@@ -264,8 +264,10 @@ class Plan:
         # exp(-12.5)^2, underflows in float16) and cast to the latent's dtype once normalised.
         self.weights = [window_weight("MultiDiffusion" if self.spot else cfg.method, *w.size,
                                       device=device, dtype=torch.float32) for w in self.windows]
+        self.n_skipped = sum(1 for w in self.windows if w.skipped)
         self._norm_cache: dict = {}
         self._maps_cache: dict = {}
+        self._active_cache: dict = {}
         self.level_maps = self._level_maps()
         self.level_ids = self._level_id_map() if self.spot else None
         self.periods = self._spot_periods() if self.spot else (0, 0)
@@ -386,6 +388,14 @@ class Plan:
         if len(self._maps_cache) < 64:
             self._maps_cache[key] = (A, beta)
         return A, beta
+
+    def windows_of(self, active_levels: set) -> tuple:
+        """Indices of the windows whose level is active (cached per set of active levels)."""
+        key = frozenset(active_levels)
+        hit = self._active_cache.get(key)
+        if hit is None:
+            hit = self._active_cache[key] = tuple(i for i, w in enumerate(self.windows) if w.level in key)
+        return hit
 
     def groups(self, evaluated) -> list[list[int]]:
         """Evaluated window indices grouped by window size (batchable together)."""
@@ -638,14 +648,13 @@ class TiledDiffusion:
             dy, dx = self._spot_shift(run, plan, step, n, to, item)
             evaluated = plan.spot_evaluated(active, dy, dx)
         else:
-            evaluated = tuple(i for i, w in enumerate(plan.windows) if w.level in active)
+            evaluated = plan.windows_of(active)
         if run is not None:
             st = run.stats
             st["full"] += len(plan.windows)
             st["tiles"] += len(evaluated)
-            skipped = sum(1 for w in plan.windows if w.skipped)
-            st["skip_saved"] += skipped
-            st["schedule_saved"] += len(plan.windows) - skipped - len(evaluated)
+            st["skip_saved"] += plan.n_skipped
+            st["schedule_saved"] += len(plan.windows) - plan.n_skipped - len(evaluated)
         if not evaluated:
             return _broadcast_source(src, x, n_chunks)
         if plan.spot:
@@ -725,7 +734,7 @@ class TiledDiffusion:
             run.spot[item] = (ys, xs)
         return ys[step], xs[step]
 
-    def _batch_size(self, run, apply_model, x, c, n_chunks, plan, size) -> int:
+    def _batch_size(self, run, apply_model, x, n_chunks, size) -> int:
         k = self.cfg.tile_batch_size
         if k > 0:
             return k
@@ -749,7 +758,7 @@ class TiledDiffusion:
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         for group in plan.groups(evaluated):
             h, w = plan.windows[group[0]].size
-            k = max(1, self._batch_size(run, apply_model, x, c, n_chunks, plan, (h, w)))
+            k = max(1, self._batch_size(run, apply_model, x, n_chunks, (h, w)))
             for s in range(0, len(group), k):
                 mm.throw_exception_if_processing_interrupted()
                 idx = group[s:s + k]
