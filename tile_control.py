@@ -25,16 +25,28 @@ once per run for the canvas exactly as ComfyUI prepares it for a canvas-sized ca
 (``common_upscale`` to canvas x ``compression_ratio`` with the control's upscale method and
 ``"center"`` crop, ``preprocess_image``, then for latent-input ControlNets (SD3/FLUX
 union/InstantX: ``vae``/``latent_format`` set) VAE-encoded at the canvas size and
-``latent_format.process_in``, ``extra_concat`` appended).  That prepared hint is stored where
-ComfyUI itself caches it, ``control.cond_hint`` of the original control (cleared by ComfyUI's
-``cleanup()`` at the end of sampling, recomputed when the canvas size changes), and each tile
-takes its window of it: pixel units for classic ControlNets (``compression_ratio`` 8), latent
-units for latent-input ones.  For SpotDiffusion the windows lie on the rolled canvas, so the
-crop wraps around the hint by the same shift.
+``latent_format.process_in``, ``extra_concat`` appended).  That prepared hint is kept in the
+run's own state (``RunState.hints``, gone when the run ends; per model call when the model is
+called outside a sampler run), never in the control, and each tile takes its window of it:
+pixel units for classic ControlNets (``compression_ratio`` 8), latent units for latent-input
+ones.  For SpotDiffusion the windows lie on the rolled canvas, so the crop wraps around the
+hint by the same shift.
+
+The tile copy does not rely on where a ComfyUI version caches prepared hints (``cond_hint``
+in 0.3.x, size-keyed ``cond_hints`` / ``control_inputs`` dicts in later ones): it gets private
+containers (a size-keyed cache of the original is never shared, and starts empty), no prepared
+hint, and as ``cond_hint_original`` the crop with a preparation that is the identity (no VAE,
+no latent format, no preprocessing, no extra concat, nearest resize to its own size, the
+crop's own ratio to the latent).  Whatever cache the control uses, its own preparation then
+produces exactly the crop for that tile batch.
 
 Controls that are not ``comfy.controlnet.ControlNet``/``T2IAdapter`` (other ``ControlBase``
 subclasses from custom packs) get the crop as ``cond_hint_original`` at canvas x
 ``compression_ratio`` resolution and prepare it themselves (a resize to the same size).
+
+ComfyUI's multi-GPU path (``MultiGPU CFG Split``) asks each control for
+``get_instance_for_device(device)``: the proxy answers with a proxy of that device's instance,
+so control stays deferred, per tile, on the device that samples the tiles.
 
 If the model's unet function wrapper is not our engine (another node replaced it after
 Quadtree Diffusion), the wrapper steps aside and ComfyUI computes control as usual.
@@ -45,6 +57,8 @@ import copy
 import logging
 
 import torch
+
+from .utils import RUN_KEY
 
 log = logging.getLogger(__name__)
 
@@ -177,64 +191,99 @@ def _prepare_other_hint(control, H: int, W: int) -> torch.Tensor:
     return comfy.utils.common_upscale(control.cond_hint_original, W * r, H * r, control.upscale_algorithm, "center")
 
 
-def canvas_hint(control, H: int, W: int, device) -> torch.Tensor:
-    """The control's hint prepared once for the H x W canvas, cached where ComfyUI caches it.
+def canvas_hint(control, H: int, W: int, device, cache: dict) -> torch.Tensor:
+    """The control's hint prepared once for the H x W canvas on ``device``, kept in ``cache``.
 
-    ComfyUI keeps the prepared hint in ``control.cond_hint`` while its spatial size matches
-    ``canvas * compression_ratio`` and clears it in ``cleanup()`` at the end of sampling; we use
-    the same slot and the same validity test on the original control, whose own
-    ``get_control`` never runs while tiling.  Other control types (whose use of ``cond_hint``
-    is unknown) get the resized hint recomputed per tile batch, never cached.
+    ``cache`` is the run's (``RunState.hints``): it lives as long as the sampling run, so a
+    changed hint image or canvas is prepared anew in the next run, whatever the control's own
+    caching does.  The control is kept in the entry so its id cannot be reused meanwhile.
+    Other control types (whose preparation is unknown) get the resized hint recomputed per tile
+    batch, never cached.
     """
     kind = _kind(control)
     if kind == "other":
         return _prepare_other_hint(control, H, W)
-    hint = control.cond_hint
-    r = control.compression_ratio
-    if kind == "t2i":       # T2I rounds its hint up to the adapter's unshuffle size; lives on its device
-        width, height = control.scale_image_to(W * r, H * r)
-        if hint is not None and hint.shape[-2] == height and hint.shape[-1] == width:
-            return hint
-        hint = _prepare_t2i_hint(control, H, W)
-    else:
-        if hint is not None and hint.shape[-2] == H * r and hint.shape[-1] == W * r and hint.device == device:
-            return hint
-        hint = _prepare_controlnet_hint(control, H, W, device)
-    control.cond_hint = hint
+    key = (id(control), H, W, str(device))
+    hit = cache.get(key)
+    if hit is not None and hit[0] is control:
+        return hit[1]
+    # T2I rounds its hint up to the adapter's unshuffle size and keeps it on its own device
+    hint = _prepare_t2i_hint(control, H, W) if kind == "t2i" else _prepare_controlnet_hint(control, H, W, device)
+    cache[key] = (control, hint)
     return hint
 
 
 # --------------------------------------------------------------------------- per-tile copies
 
-def tiled_copy(control, t, tb, per_tile: int, device, items=None):
-    """A shallow copy of ``control`` (and of its chain) whose hint is the tile batch's crops.
+def _is_size_keyed_cache(v) -> bool:
+    """A dict keyed by tuples (sizes, shapes): how ComfyUI versions cache prepared hints/inputs."""
+    return isinstance(v, dict) and len(v) > 0 and all(isinstance(k, tuple) for k in v)
 
-    A shallow ``copy.copy`` keeps everything ``pre_run`` set on the original (the control model,
-    ``timestep_range``, ``model_sampling_current``, dtype) which ``control.copy()`` would drop.
+
+def private_copy(control):
+    """A shallow copy of ``control`` that shares no mutable container and holds no prepared hint.
+
+    ``copy.copy`` keeps everything ``pre_run`` set on the original (the control model,
+    ``timestep_range``, ``model_sampling_current``, dtype), which ``control.copy()`` would drop;
+    its dicts, lists and sets are copied so that nothing the copy caches reaches the original or
+    another tile, and size-keyed caches start empty.
+    """
+    c = copy.copy(control)
+    for name, v in list(vars(c).items()):
+        if isinstance(v, (dict, list, set)):
+            v = copy.copy(v)
+            if _is_size_keyed_cache(v):
+                v.clear()
+            setattr(c, name, v)
+    c.cond_hint = None
+    if hasattr(c, "control_input"):
+        c.control_input = None
+    return c
+
+
+def _identity(image):
+    return image
+
+
+def give_prepared_hint(c, crops: torch.Tensor, H_tile: int, W_tile: int) -> None:
+    """Make ``crops`` (already prepared for a ``H_tile`` x ``W_tile`` latent) the hint that
+    ``ControlNet.get_control``'s own preparation produces: resize to its own size with nearest
+    (the identity), no preprocessing, no VAE, no latent format, no extra concat."""
+    ratio = crops.shape[-2] // H_tile
+    if ratio < 1 or crops.shape[-2] != H_tile * ratio or crops.shape[-1] != W_tile * ratio:
+        raise ValueError(f"ControlNet hint crop {list(crops.shape[-2:])} is not a whole multiple of the tile "
+                         f"{H_tile}x{W_tile} latent px; please report this with the ControlNet you use")
+    c.cond_hint_original = crops
+    c.compression_ratio = ratio
+    c.upscale_algorithm = "nearest-exact"
+    c.preprocess_image = _identity
+    c.vae = None
+    c.latent_format = None
+    c.extra_concat_orig = []
+
+
+def tiled_copy(control, t, tb, per_tile: int, device, hints: dict, items=None):
+    """A private copy of ``control`` (and of its chain) whose hint is the tile batch's crops.
+
     ``items``: the canvas batch items the tile rows belong to (None: all, in order).
     Inactive controls (outside their timestep range) get no hint: get_control skips them first.
     """
-    c = copy.copy(control)
+    c = private_copy(control)
     prev = getattr(control, "previous_controlnet", None)
-    c.previous_controlnet = tiled_copy(prev, t, tb, per_tile, device, items) if prev is not None else None
-    kind = _kind(control)
-    if kind == "t2i":
-        c.control_input = None
+    c.previous_controlnet = tiled_copy(prev, t, tb, per_tile, device, hints, items) if prev is not None else None
     if not _active(control, t) or getattr(control, "cond_hint_original", None) is None:
         return c
-    full = canvas_hint(control, tb.H, tb.W, device)
+    full = canvas_hint(control, tb.H, tb.W, device, hints)
     if items is not None and full.shape[0] > 1:
         # the hint images these batch items get in a full-batch call (broadcast_image_to cycles them)
         full = full[[b % full.shape[0] for b in items]]
     crops = tile_hint_batch(full, tb.windows, tb.H, tb.W, per_tile, tb.shift)
-    if kind == "other":
-        c.cond_hint_original = crops
-        c.cond_hint = None
+    if _kind(control) == "controlnet":
+        h, w = tb.windows[0].size
+        give_prepared_hint(c, crops, h, w)
     else:
-        # the crop is already what get_control would prepare for the tile: its size check passes
-        # and it is used as is; cond_hint_original is the crop too, so that any re-preparation
-        # (e.g. T2I rounding to its unshuffle size) starts from the tile's own crop.
-        c.cond_hint = crops
+        # T2I-Adapters (and other controls) prepare the crop themselves: a resize to the tile's
+        # own size (T2I: rounded up to its unshuffle size), as for a tile-sized call
         c.cond_hint_original = crops
     return c
 
@@ -242,13 +291,17 @@ def tiled_copy(control, t, tb, per_tile: int, device, items=None):
 class DeferredControl:
     """What ``get_control`` returns while tiling: control is computed per tile batch by the engine."""
 
-    __slots__ = ("control", "batched_number", "transformer_options", "items")
+    __slots__ = ("control", "batched_number", "transformer_options", "items", "hints")
 
-    def __init__(self, control, batched_number, transformer_options, items=None):
+    def __init__(self, control, batched_number, transformer_options, items=None, hints=None):
         self.control = control
         self.batched_number = batched_number
         self.transformer_options = transformer_options
         self.items = items          # batch items of the canvas call these rows are (None: all)
+        if hints is None:           # the run's prepared hints; per call outside a sampler run
+            run = (transformer_options or {}).get(RUN_KEY)
+            hints = run.hints if run is not None else {}
+        self.hints = hints
 
     def select_rows(self, rows, N: int):
         """The marker for a subset of the call's rows (the engine runs batch items one by one when
@@ -259,7 +312,8 @@ class DeferredControl:
         items = [i % B for i in r[:max(1, len(r) // n)]]
         if self.items is not None:
             items = [self.items[i] for i in items]
-        return DeferredControl(self.control, self.batched_number, self.transformer_options, tuple(items))
+        return DeferredControl(self.control, self.batched_number, self.transformer_options, tuple(items),
+                               self.hints)
 
     def tile_control(self, xt, tt, ct, tb):
         """Control for the tile batch ``xt`` (rows ``[chunk][tile][batch item]``).
@@ -270,7 +324,7 @@ class DeferredControl:
         n_chunks = tb.n_chunks
         k = len(tb.windows)
         per_tile = max(1, xt.shape[0] // (n_chunks * k))
-        c = tiled_copy(self.control, tt, tb, per_tile, xt.device, self.items)
+        c = tiled_copy(self.control, tt, tb, per_tile, xt.device, self.hints, self.items)
         to = ct.get("transformer_options", self.transformer_options) if isinstance(ct, dict) else self.transformer_options
         return c.get_control(xt, tt, ct, n_chunks, to)
 
@@ -283,12 +337,22 @@ class ControlProxy:
 
     def __init__(self, control):
         self._control = control
+        self._per_device: dict = {}
 
-    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options, *args, **kwargs):
         return DeferredControl(self._control, batched_number, transformer_options)
 
+    def get_instance_for_device(self, device, *args, **kwargs):
+        """The multi-GPU path's per-device control, still deferred (one proxy per device)."""
+        proxy = self._per_device.get(device)
+        if proxy is None:
+            instance = self._control.get_instance_for_device(device, *args, **kwargs)
+            proxy = self if instance is self._control else ControlProxy(instance)
+            self._per_device[device] = proxy
+        return proxy
+
     def __getattr__(self, name):
-        if name == "_control":
+        if name in ("_control", "_per_device"):
             raise AttributeError(name)
         return getattr(self._control, name)
 
@@ -305,9 +369,10 @@ class TileControl:
     def __deepcopy__(self, memo):
         return self      # like the engine: configuration only, shared by model clones
 
-    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+        """CALC_COND_BATCH: hand ComfyUI proxies for the controls (arguments it adds are passed on)."""
         if model_options.get("model_function_wrapper") is not self.engine:
-            return executor(model, conds, x_in, timestep, model_options)
+            return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
         proxies: dict = {}
         out = []
         changed = False
@@ -327,4 +392,4 @@ class TileControl:
                     changed = True
                 lst.append(c)
             out.append(lst)
-        return executor(model, out if changed else conds, x_in, timestep, model_options)
+        return executor(model, out if changed else conds, x_in, timestep, model_options, *args, **kwargs)

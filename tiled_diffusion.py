@@ -453,6 +453,33 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
     return plan
 
 
+# --------------------------------------------------------------------------- model calls
+
+class ModelCall:
+    """One model call of ComfyUI as the engine sees it: ``model(x, t, c, cond_or_uncond)`` -> x0.
+
+    ``apply_model`` is the (per-device) ``BaseModel.apply_model`` ComfyUI handed the unet wrapper;
+    ``inner`` a ``model_function_wrapper`` that was on the model before ours (called per tile
+    batch); ``extra``/``kwargs`` whatever else ComfyUI passed our wrapper, forwarded unchanged.
+    """
+
+    __slots__ = ("apply_model", "inner", "extra", "kwargs")
+
+    def __init__(self, apply_model, inner=None, extra=(), kwargs=None):
+        self.apply_model, self.inner, self.extra, self.kwargs = apply_model, inner, tuple(extra), kwargs or {}
+
+    @property
+    def base(self):
+        """The ``BaseModel`` behind ``apply_model`` (None if it is not a bound method)."""
+        return getattr(self.apply_model, "__self__", None)
+
+    def __call__(self, x, t, c, cond_or_uncond):
+        if self.inner is not None:
+            return self.inner(self.apply_model, {"input": x, "timestep": t, "c": c, "cond_or_uncond": cond_or_uncond},
+                              *self.extra, **self.kwargs)
+        return self.apply_model(x, t, **c)
+
+
 # --------------------------------------------------------------------------- run state
 
 @dataclass
@@ -462,9 +489,10 @@ class RunState:
     source: torch.Tensor | None
     canvas: tuple
     step: int = 0
-    plans: dict = field(default_factory=dict)     # batch item -> Plan
+    plans: dict = field(default_factory=dict)     # (batch item, device) -> Plan
     spot: dict = field(default_factory=dict)     # batch item -> (y shifts, x shifts) per step
-    batch: dict = field(default_factory=dict)    # window size -> auto tile batch
+    batch: dict = field(default_factory=dict)    # (device, window size) -> auto tile batch
+    hints: dict = field(default_factory=dict)    # prepared canvas-sized control hints (tile_control.py)
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
                                                  "schedule_saved": 0})
     logged: set = field(default_factory=set)
@@ -498,9 +526,12 @@ class TiledDiffusion:
         return self
 
     # ---- keyed wrappers
-    def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image,
-                       denoise_mask, disable_pbar):
-        """SAMPLER_SAMPLE: start a RunState for this run and count its steps."""
+    def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image=None,
+                       denoise_mask=None, disable_pbar=False, *args, **kwargs):
+        """SAMPLER_SAMPLE: start a RunState for this run and count its steps.
+
+        Arguments ComfyUI adds in later versions (``*args``, ``**kwargs``) are passed on unchanged.
+        """
         run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=latent_image,
                        canvas=tuple(noise.shape[-2:]))
         mo = extra_args.setdefault("model_options", {})
@@ -509,19 +540,23 @@ class TiledDiffusion:
         mo["transformer_options"] = to
         self._log_run_start(run)
 
-        def counting_callback(i, denoised, x, total):
+        def counting_callback(i, denoised, x, total, *cb_args, **cb_kwargs):
             run.step = i + 1
             if callback is not None:
-                return callback(i, denoised, x, total)
+                return callback(i, denoised, x, total, *cb_args, **cb_kwargs)
 
         try:
             return executor(guider, sigmas, extra_args, counting_callback, noise, latent_image,
-                            denoise_mask, disable_pbar)
+                            denoise_mask, disable_pbar, *args, **kwargs)
         finally:
             self._log_run_end(run)
 
-    def prepare_sampling(self, executor, model, noise_shape, conds, model_options=None):
-        """PREPARE_SAMPLING: let ComfyUI plan memory for one tile batch, not the whole canvas."""
+    def prepare_sampling(self, executor, model, noise_shape, conds, *args, **kwargs):
+        """PREPARE_SAMPLING: let ComfyUI plan memory for one tile batch, not the whole canvas.
+
+        Everything else ComfyUI passes (``model_options=``, and since 0.6 ``force_full_load=``,
+        ``force_offload=``, ...) is passed on unchanged.
+        """
         check_latent(model.model, noise_shape)
         try:
             base = model.model
@@ -534,7 +569,7 @@ class TiledDiffusion:
             raise
         except Exception as e:  # never block sampling on an estimate
             log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
-        return executor(model, noise_shape, conds, model_options=model_options)
+        return executor(model, noise_shape, conds, *args, **kwargs)
 
     def _largest_tile(self, H: int, W: int, compression: int, align: int) -> tuple[int, int, int]:
         """(largest window height, width, most windows) over the layouts on an H x W latent; cached."""
@@ -586,16 +621,19 @@ class TiledDiffusion:
                  s["schedule_saved"], s["skip_saved"], s["full"])
 
     # ---- the unet wrapper
-    def __call__(self, apply_model, args):
+    def __call__(self, apply_model, args, *extra, **kwargs):
+        """The unet function wrapper: ``args`` holds ComfyUI's model call on the whole canvas;
+        anything else ComfyUI passes is forwarded to a wrapper that was on the model before ours."""
         x, t, c, cou = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
         to = c.get("transformer_options", {})
         run: RunState | None = to.get(RUN_KEY)
-        base = getattr(apply_model, "__self__", None)
+        model = ModelCall(apply_model, self.inner, extra, kwargs)
+        base = model.base
         H, W = int(x.shape[-2]), int(x.shape[-1])
         n_chunks = len(cou) if cou and x.shape[0] % len(cou) == 0 else 1
         canvas = run.canvas if run is not None else (H, W)
         if (H, W) != tuple(canvas):
-            return self._area_call(apply_model, x, t, c, cou, n_chunks, base, run)
+            return self._area_call(model, x, t, c, cou, n_chunks, base, run)
         src = run.source if run is not None else None
         if src is not None and not _source_fits(src, x, n_chunks):
             src = None
@@ -603,7 +641,7 @@ class TiledDiffusion:
             run.stats["calls"] += 1
         items = len(self.cfg.layouts)
         if items == 1:
-            return self._call_item(apply_model, x, t, c, cou, n_chunks, run, base, src, 0)
+            return self._call_item(model, x, t, c, cou, n_chunks, run, base, src, 0)
         B = x.shape[0] // n_chunks
         if B != items:
             raise ValueError(f"quadtree: {items} layouts (one per image of the IMAGE batch) but the latent batch "
@@ -616,10 +654,10 @@ class TiledDiffusion:
             tb = t[rows] if t.ndim > 0 and t.shape[0] == x.shape[0] else t
             cb = select_rows(c, rows, x.shape[0])
             sb = None if src is None else src[b:b + 1] if src.shape[0] == B else src
-            out[rows] = self._call_item(apply_model, xb, tb, cb, cou, n_chunks, run, base, sb, b)
+            out[rows] = self._call_item(model, xb, tb, cb, cou, n_chunks, run, base, sb, b)
         return out
 
-    def _call_item(self, apply_model, x, t, c, cou, n_chunks, run, base, src, item):
+    def _call_item(self, model: ModelCall, x, t, c, cou, n_chunks, run, base, src, item):
         """One model call on the full canvas with one layout."""
         to = c.get("transformer_options", {})
         H, W = int(x.shape[-2]), int(x.shape[-1])
@@ -661,12 +699,12 @@ class TiledDiffusion:
             xr = torch.roll(x, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else x
             cr = _roll_cond(c, dy, dx, x.shape[0], H, W) if (dy or dx) else c
             weights = {i: plan.weights[i].to(x.dtype) for i in evaluated}
-            blend = self._evaluate(apply_model, xr, t, cr, cou, n_chunks, plan, evaluated, weights, run,
+            blend = self._evaluate(model, xr, t, cr, cou, n_chunks, plan, evaluated, weights, run,
                                    shift=(dy, dx))
             if dy or dx:
                 blend = torch.roll(blend, shifts=(-dy, -dx), dims=(-2, -1))
         else:
-            blend = self._evaluate(apply_model, x, t, c, cou, n_chunks, plan, evaluated,
+            blend = self._evaluate(model, x, t, c, cou, n_chunks, plan, evaluated,
                                    plan.normalized(evaluated), run)
         if all(a == 1.0 and b == 1.0 for a, b in coeffs):
             return blend
@@ -679,8 +717,9 @@ class TiledDiffusion:
 
     # ---- helpers
     def _plan(self, run, H, W, base, x, item=0) -> Plan:
-        if run is not None and item in run.plans:
-            return run.plans[item]
+        run_key = (item, str(x.device))       # per device: ComfyUI's multi-GPU path runs one call per device
+        if run is not None and run_key in run.plans:
+            return run.plans[run_key]
         key = (H, W, str(x.device), x.dtype, item)
         plan = self._plans.get(key)
         if plan is None:
@@ -690,8 +729,9 @@ class TiledDiffusion:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         if run is not None:
-            run.plans[item] = plan
-            self._log_plan(plan, run, item)
+            if run.once(f"plan{item}"):
+                self._log_plan(plan, run, item)
+            run.plans[run_key] = plan
         return plan
 
     def _log_plan(self, plan: Plan, run: RunState, item: int = 0):
@@ -734,18 +774,19 @@ class TiledDiffusion:
             run.spot[item] = (ys, xs)
         return ys[step], xs[step]
 
-    def _batch_size(self, run, apply_model, x, n_chunks, size) -> int:
+    def _batch_size(self, run, model: ModelCall, x, n_chunks, size) -> int:
         k = self.cfg.tile_batch_size
         if k > 0:
             return k
-        if run is not None and size in run.batch:
-            return run.batch[size]
-        k = auto_batch_size(getattr(apply_model, "__self__", None), x, n_chunks, size)
+        key = (str(x.device), size)
+        if run is not None and key in run.batch:
+            return run.batch[key]
+        k = auto_batch_size(model.base, x, n_chunks, size)
         if run is not None:
-            run.batch[size] = k      # per window size: a quadtree's sizes differ up to 64x in area
+            run.batch[key] = k      # per device and window size: a quadtree's sizes differ up to 64x in area
         return k
 
-    def _evaluate(self, apply_model, x, t, c, cou, n_chunks, plan: Plan, evaluated, weights, run,
+    def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan: Plan, evaluated, weights, run,
                   shift=(0, 0)):
         """M = sum over evaluated windows of weight_t * x0_t, model calls batched by window size."""
         import comfy.model_management as mm
@@ -758,7 +799,7 @@ class TiledDiffusion:
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         for group in plan.groups(evaluated):
             h, w = plan.windows[group[0]].size
-            k = max(1, self._batch_size(run, apply_model, x, n_chunks, (h, w)))
+            k = max(1, self._batch_size(run, model, x, n_chunks, (h, w)))
             for s in range(0, len(group), k):
                 mm.throw_exception_if_processing_interrupted()
                 idx = group[s:s + k]
@@ -770,18 +811,13 @@ class TiledDiffusion:
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks, shift))
-                pred = self._model(apply_model, xt, tt, ct, cou)
+                pred = model(xt, tt, ct, cou)
                 pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
                 for j, (i, wi) in enumerate(zip(idx, wins)):
                     ov[..., wi.y0:wi.y1, wi.x0:wi.x1].addcmul_(pv[:, j], weights[i])
         return out
 
-    def _model(self, apply_model, xt, tt, ct, cou):
-        if self.inner is not None:
-            return self.inner(apply_model, {"input": xt, "timestep": tt, "c": ct, "cond_or_uncond": cou})
-        return apply_model(xt, tt, **ct)
-
-    def _area_call(self, apply_model, x, t, c, cou, n_chunks, base, run):
+    def _area_call(self, model: ModelCall, x, t, c, cou, n_chunks, base, run):
         """A call on part of the canvas (an area-conditioned prompt): tiled on its own grid."""
         H, W = int(x.shape[-2]), int(x.shape[-1])
         cfg = self.cfg
@@ -794,7 +830,7 @@ class TiledDiffusion:
             log.info("%s area-conditioned call on %dx%d latent px: %s, at full strength", P, W, H,
                      plan.describe())
         evaluated = tuple(range(len(plan.windows)))
-        return self._evaluate(apply_model, x, t, c, cou, n_chunks, plan, evaluated,
+        return self._evaluate(model, x, t, c, cou, n_chunks, plan, evaluated,
                               plan.normalized(evaluated), run)
 
 

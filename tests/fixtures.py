@@ -16,6 +16,7 @@ load_pack(repo=None, name="quadtree_diffusion") -> module
 tiny_sd15(seed=0, context_dim=64) -> ModelPatcher
 local_model(seed=0, in_channels=4, hidden=32, num_layers=3, context_dim=64) -> ModelPatcher
 local_inpaint_model(seed=0, **kw) -> ModelPatcher            (9 input channels, concat_keys mask+masked_image)
+tiny_flux_config(in_channels=16) -> dict                     (FLUX.1 dev-style config, any ComfyUI version)
 tiny_conditioning(text, dim=64, seed=0, tokens=77, pooled_dim=None) -> CONDITIONING
 FixtureCLIP(dim=64), FixtureVAE()
 empty_latent(width, height, batch_size=1) -> LATENT dict
@@ -289,6 +290,31 @@ class LocalConvNet(torch.nn.Module):
         for conv in self.convs[1:]:
             h = conv(torch.nn.functional.silu(h))
         return h + self.skip * x[:, :self.out_channels]
+
+
+def complete_dataclass_config(cls, cfg: dict, defaults: dict) -> dict:
+    """``cfg`` plus, for every field of the dataclass ``cls`` that this ComfyUI requires and ``cfg``
+    lacks, its value from ``defaults`` (feature detection: newer ComfyUI adds required fields,
+    e.g. ``FluxParams.txt_ids_dims`` since 0.4).  A required field with no default is an error
+    naming it, so a fixture fails clearly when ComfyUI adds another."""
+    import dataclasses
+    out = dict(cfg)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in out:
+            if f.name not in defaults:
+                raise TypeError(f"{cls.__name__} requires '{f.name}' in this ComfyUI: add it to the fixture's defaults")
+            out[f.name] = copy.deepcopy(defaults[f.name])
+    return out
+
+
+def tiny_flux_config(in_channels: int = 16) -> dict:
+    """A FLUX dev-style unet config (guidance_embed) shrunk to CPU size; in_channels 96 = FLUX Fill."""
+    from comfy.ldm.flux.model import FluxParams
+    cfg = dict(image_model="flux", in_channels=in_channels, out_channels=16, vec_in_dim=64, context_in_dim=64,
+               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+               theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    return complete_dataclass_config(FluxParams, cfg, {"txt_ids_dims": []})   # FLUX.1: no txt id axes
 
 
 def local_model(seed: int = 0, in_channels: int = 4, hidden: int = 32, num_layers: int = 3,

@@ -75,10 +75,10 @@ def gradient(batch=1, w=W_PX, h=H_PX):
     return torch.stack(imgs)
 
 
-def with_control(pn, control, image, strength=1.0, start=0.0, end=1.0, vae=None):
+def with_control(pn, control, image, strength=1.0, start=0.0, end=1.0, vae=None, make=lambda c: c):
     """Attach a control to (positive, negative) like ControlNetApplyAdvanced does -- one control
     object shared by both, chained onto any control already there -- also for strength 0, which
-    that node short-circuits."""
+    that node short-circuits.  ``make`` turns the prepared copy into the control that is used."""
     hint = image.movedim(-1, 1)
     made = {}
     res = []
@@ -88,7 +88,7 @@ def with_control(pn, control, image, strength=1.0, start=0.0, end=1.0, vae=None)
             d = dict(opts)
             prev = d.get("control")
             if prev not in made:
-                made[prev] = control.copy().set_cond_hint(hint, strength, (start, end), vae=vae)
+                made[prev] = make(control.copy().set_cond_hint(hint, strength, (start, end), vae=vae))
                 made[prev].set_previous_controlnet(prev)
             d["control"] = made[prev]
             d["control_apply_to_uncond"] = False
@@ -175,14 +175,34 @@ def seen_windows(calls, hint_imgs, windows, n_chunks, batch, s=8):
     return seen
 
 
+def size_keyed(control):
+    """``control`` turned into a ControlNet that caches its prepared hint in a dict keyed by the
+    latent's size, as newer ComfyUI does (``cond_hints``, upstream PR 15832), instead of in
+    ``cond_hint``: a tile copy sharing that dict would hand every same-size tile the first
+    tile's hint."""
+    base = type(control)
+
+    class SizeKeyed(base):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            key = (x_noisy.shape[2], x_noisy.shape[3])
+            self.cond_hint = self.cond_hints.get(key)       # None: prepared from cond_hint_original
+            out = base.get_control(self, x_noisy, t, cond, batched_number, transformer_options)
+            self.cond_hints[key] = self.cond_hint
+            return out
+
+    control.__class__ = SizeKeyed
+    control.cond_hints = {}
+    return control
+
+
 # --------------------------------------------------------------------------- crops end to end
 
-@pytest.mark.parametrize("k,batch", [(1, 1), (4, 1), (4, 2)])
-def test_each_tile_sees_its_own_crop(pack, fx, sd15, cnet, k, batch):
+@pytest.mark.parametrize("k,batch,cache", [(1, 1, "comfy"), (4, 1, "comfy"), (4, 2, "comfy"), (4, 1, "size_keyed")])
+def test_each_tile_sees_its_own_crop(pack, fx, sd15, cnet, k, batch, cache):
     control, rec = cnet
     img = gradient(batch)
     pos, neg = conds(fx)
-    pos, neg = with_control((pos, neg), control, img)
+    pos, neg = with_control((pos, neg), control, img, make=size_keyed if cache == "size_keyed" else lambda c: c)
     m = tiled(pack, fx, sd15, tile_batch_size=k)
     plan = plan_of(pack, m)
     assert len(plan.windows) > 4
@@ -281,7 +301,10 @@ def test_tile_control_equals_get_control_on_each_crop(pack, fx, sd15, cnet, cnet
                 assert (a is None) == (r is None)
                 if a is not None:
                     torch.testing.assert_close(a[rows], r, rtol=1e-4, atol=1e-5)
-    assert ctl.cond_hint is not None and ctl.cond_hint.shape[-2:] == (H_PX, W_PX)   # prepared once, canvas
+    # each control of the chain prepared once at the canvas size, kept in the call's cache, not the control
+    prepared = [hint for _, hint in marker.hints.values()]
+    assert len(prepared) == 2 and all(h.shape[-2:] == (H_PX, W_PX) for h in prepared)
+    assert ctl.cond_hint is None and ctl.previous_controlnet.cond_hint is None
 
 
 @pytest.mark.parametrize("chain", [1, 2])
@@ -498,9 +521,7 @@ class LatentVAE:
 def tiny_flux(fx):
     import comfy.model_base as mb
     import comfy.supported_models as sm
-    cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=64,
-               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
-               theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    cfg = fx.tiny_flux_config()
     config = sm.Flux(cfg)
     config.set_inference_dtype(torch.float32, None)
     model = mb.Flux(config, device=torch.device("cpu"))

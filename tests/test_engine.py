@@ -179,9 +179,9 @@ def test_memory_planning_sees_tile_batch(pack, fx, local):
     seen = []
     m = tiled(pack, fx, local, tile_width=128, tile_height=128, tile_overlap=0, tile_batch_size=2)
 
-    def spy(executor, model, noise_shape, conds, model_options=None):
+    def spy(executor, model, noise_shape, conds, *args, **kwargs):
         seen.append(list(noise_shape))
-        return executor(model, noise_shape, conds, model_options=model_options)
+        return executor(model, noise_shape, conds, *args, **kwargs)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "zz_spy", spy)
     pos, neg = conds(fx)
@@ -211,3 +211,46 @@ def test_interrupt_between_tile_batches(pack, fx, local):
     finally:
         mm.interrupt_current_processing(False)
     assert len(calls) == 2   # stopped at the next tile batch, not at the end of the step
+
+
+def test_wrappers_forward_arguments_they_do_not_know(pack, fx, local):
+    """ComfyUI adds arguments to its wrapper executors over time (0.6.0: PREPARE_SAMPLING got
+    ``force_full_load=``, later ``force_offload=``).  A probe wrapper outside each of ours adds an
+    unknown keyword; a probe inside ours must receive it (and drops it before ComfyUI's own
+    function).  The unet function wrapper passes unknown arguments to a wrapper it composes with."""
+    import comfy.patcher_extension
+    wmp = comfy.patcher_extension.WrappersMP
+    kinds = (wmp.SAMPLER_SAMPLE, wmp.PREPARE_SAMPLING, wmp.CALC_COND_BATCH)
+    seen = {}
+
+    def outer(kind):
+        def probe(executor, *args, **kwargs):
+            return executor(*args, qtd_probe=kind, **kwargs)
+        return probe
+
+    def inner(kind):
+        def probe(executor, *args, **kwargs):
+            seen.setdefault(kind, []).append(kwargs.pop("qtd_probe", None))
+            return executor(*args, **kwargs)
+        return probe
+
+    def inner_unet(apply_model, args, *extra, **kwargs):
+        seen.setdefault("unet", []).append((extra, kwargs))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    base = local.clone()
+    base.set_model_unet_function_wrapper(inner_unet)
+    for kind in kinds:
+        base.add_wrapper_with_key(kind, "a_outer_probe", outer(kind))
+    m = tiled(pack, fx, base, tile_width=128, tile_height=128, tile_overlap=0, tile_batch_size=2)
+    for kind in kinds:
+        m.add_wrapper_with_key(kind, "z_inner_probe", inner(kind))
+    engine = m.model_options["model_function_wrapper"]
+    m.set_model_unet_function_wrapper(lambda f, a: engine(f, a, "positional", qtd_probe="unet"))
+    pos, neg = conds(fx)
+    out = fx.run_ksampler(m, pos, neg, source_latent(256, 256), steps=2, denoise=0.5)
+    assert torch.isfinite(out).all()
+    for kind in kinds:
+        assert seen.get(kind) and all(v == kind for v in seen[kind]), (kind, seen.get(kind))
+    # 2x2 tiles in batches of 2, two steps: every tile batch's call got the extra arguments
+    assert len(seen["unet"]) == 4 and all(e == (("positional",), {"qtd_probe": "unet"}) for e in seen["unet"])

@@ -58,9 +58,7 @@ def tiny_flux(fx, in_channels=16):
     """FLUX dev-style (guidance_embed); in_channels 96 = FLUX Fill (latent + image + 8x8 mask)."""
     import comfy.model_base as mb
     import comfy.supported_models as sm
-    cfg = dict(image_model="flux", in_channels=in_channels, out_channels=16, vec_in_dim=64, context_in_dim=64,
-               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
-               theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+    cfg = fx.tiny_flux_config(in_channels)
     config = (sm.FluxInpaint if in_channels > 16 else sm.Flux)(cfg)
     return _build(fx, config, mb.Flux)
 
