@@ -346,7 +346,8 @@ class ControlProxy:
         """The multi-GPU path's per-device control, still deferred (one proxy per device)."""
         proxy = self._per_device.get(device)
         if proxy is None:
-            instance = self._control.get_instance_for_device(device, *args, **kwargs)
+            per_device = getattr(self._control, "get_instance_for_device", None)
+            instance = self._control if per_device is None else per_device(device, *args, **kwargs)
             proxy = self if instance is self._control else ControlProxy(instance)
             self._per_device[device] = proxy
         return proxy

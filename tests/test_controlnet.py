@@ -570,3 +570,63 @@ def test_latent_input_controlnet_crops_the_encoded_hint(pack, fx):
     encoded = comfy.latent_formats.Flux().process_in(vae.encode(img))
     seen = seen_windows(rec.calls, encoded, plan.windows, n_chunks=2, batch=1, s=1)
     assert seen == Counter({(w.y0, w.y1, w.x0, w.x1): 2 for w in plan.windows})
+
+
+# --------------------------------------------------------------------------- multi-GPU path
+# ComfyUI's multi-GPU path (``MultiGPU CFG Split``, 0.23+) runs ``_calc_cond_batch_multigpu`` when
+# ``model_options['multigpu_clones']`` maps devices to model patchers: it calls the unet function
+# wrapper with each device's ``apply_model`` and asks each control for
+# ``get_instance_for_device(device)``.  Two GPUs cannot be had here, so the same code path runs
+# with one device (the CPU) and a ControlNet with a registered per-device clone.
+
+def _has_multigpu_path():
+    import comfy.samplers
+    return hasattr(comfy.samplers, "_calc_cond_batch_multigpu")
+
+
+def test_proxy_answers_for_each_device_with_a_deferred_proxy(pack, cnet):
+    """get_instance_for_device on our proxy gives a proxy (control stays deferred, per tile) of the
+    control's instance for that device, one per device; the proxy itself where the control has no
+    per-device instance (or no such method, as before ComfyUI 0.23)."""
+    tc = pack.tile_control
+    control, _ = cnet
+    cpu = torch.device("cpu")
+    ctl = control.copy()
+    assert tc.ControlProxy(ctl).get_instance_for_device(cpu)._control is ctl
+    if not hasattr(ctl, "deepclone_multigpu"):
+        return
+    clone = ctl.deepclone_multigpu(cpu, autoregister=True)
+    proxy = tc.ControlProxy(ctl)
+    per_device = proxy.get_instance_for_device(cpu)
+    assert isinstance(per_device, tc.ControlProxy) and per_device._control is clone
+    assert proxy.get_instance_for_device(cpu) is per_device
+    assert per_device.get_control(torch.zeros(2, 4, 8, 12), None, {}, 2, {}).control is clone
+
+
+@pytest.mark.skipif("not _has_multigpu_path()", reason="this ComfyUI has no multi-GPU path (added in 0.23)")
+def test_multigpu_path_samples_tiles_with_the_devices_control(pack, fx, sd15, cnet):
+    """Through the multi-GPU code path: the same result as the ordinary tiled path, control computed
+    by the device's clone, per tile, each tile with its own crop."""
+    control, _ = cnet
+    img = gradient(1)
+    device_controls = []
+
+    def with_device_clone(c):
+        device_controls.append(c.deepclone_multigpu(torch.device("cpu"), autoregister=True))
+        return c
+
+    pos, neg = with_control(conds(fx), control, img, make=with_device_clone)
+    m = tiled(pack, fx, sd15, tile_batch_size=2)
+    plan = plan_of(pack, m)
+    ref = fx.run_ksampler(m, pos, neg, latent(), steps=STEPS, cfg=5.0)
+    (dev,) = device_controls
+    rec = dev.control_model            # the device clone's own (deep-copied) recorder
+    rec.calls.clear()
+    mg = m.clone()
+    mg.model_options["multigpu_clones"] = {mg.load_device: mg}
+    out = fx.run_ksampler(mg, pos, neg, latent(), steps=STEPS, cfg=5.0)
+    assert torch.equal(out, ref)
+    assert rec.calls, "the device's control clone was never called"
+    assert all(x[-2:] == (TILE // 8, TILE // 8) for x, _ in rec.calls)
+    seen = seen_windows(rec.calls, img.movedim(-1, 1), plan.windows, n_chunks=2, batch=1)
+    assert seen == Counter({(w.y0, w.y1, w.x0, w.x1): STEPS for w in plan.windows})
