@@ -9,13 +9,31 @@ METHODS = ("MultiDiffusion", "Mixture of Diffusers", "SpotDiffusion")
 SHIFT_METHODS = ("random", "sorted", "fibonacci")
 
 
+# Image pixels per latent pixel of the latent formats that do not compress 8x, by class name, as
+# ComfyUI declares them since 0.11 (``LatentFormat.spacial_downscale_ratio``).  Used only where the
+# running ComfyUI declares no ratio (0.3.x), so pixel sizes mean the same on every version.
+KNOWN_COMPRESSION = {
+    "Flux2": 16, "Wan22": 16, "HunyuanVideo15": 16,
+    "LTXV": 32, "LTXAV": 32, "HunyuanImage21": 32,
+    "SC_Prior": 42, "SC_B": 4,
+    "ChromaRadiance": 1, "HiDreamO1Pixel": 1, "PixelDiTPixel": 1, "ZImagePixelSpace": 1,
+}
+
+
 def latent_compression(base_model) -> int:
-    """Image pixels per latent pixel along each spatial axis (8 for SD/SDXL/SD3/FLUX VAEs)."""
+    """Image pixels per latent pixel along each spatial axis (8 for SD/SDXL/SD3/FLUX VAEs).
+
+    The model's own ``latent_format.spacial_downscale_ratio`` where ComfyUI declares one, else
+    :data:`KNOWN_COMPRESSION` for its latent format class (or an ancestor), else 8.
+    """
     fmt = getattr(base_model, "latent_format", None)
     for name in ("spacial_downscale_ratio", "spatial_downscale_ratio"):
         v = getattr(fmt, name, None)
         if isinstance(v, int) and v > 0:
             return v
+    for cls in type(fmt).__mro__:
+        if cls.__name__ in KNOWN_COMPRESSION:
+            return KNOWN_COMPRESSION[cls.__name__]
     return 8
 
 

@@ -15,6 +15,7 @@ setup_comfy(comfy_path=None) -> str
 load_pack(repo=None, name="quadtree_diffusion") -> module
 tiny_sd15(seed=0, context_dim=64) -> ModelPatcher
 local_model(seed=0, in_channels=4, hidden=32, num_layers=3, context_dim=64) -> ModelPatcher
+local_model_for_format(latent_format, seed=0) -> ModelPatcher  (another channel count / compression)
 local_inpaint_model(seed=0, **kw) -> ModelPatcher            (9 input channels, concat_keys mask+masked_image)
 tiny_flux_config(in_channels=16) -> dict                     (FLUX.1 dev-style config, any ComfyUI version)
 tiny_conditioning(text, dim=64, seed=0, tokens=77, pooled_dim=None) -> CONDITIONING
@@ -340,6 +341,17 @@ def local_model(seed: int = 0, in_channels: int = 4, hidden: int = 32, num_layer
     model.eval()
     patcher = _patcher(model)
     patcher.receptive_radius = model.diffusion_model.receptive_radius
+    return patcher
+
+
+def local_model_for_format(latent_format, seed: int = 0):
+    """:func:`local_model` for a latent format of ComfyUI's (its channel count; its compression
+    ratio, whether this ComfyUI declares one or not): stands in for a 16x / 32x / 1x model."""
+    patcher = local_model(seed)
+    ch = latent_format.latent_channels
+    patcher.model.latent_format = latent_format
+    patcher.model.diffusion_model = LocalConvNet(in_channels=ch, out_channels=ch, seed=seed)
+    patcher.receptive_radius = patcher.model.diffusion_model.receptive_radius
     return patcher
 
 
