@@ -254,3 +254,27 @@ def test_wrappers_forward_arguments_they_do_not_know(pack, fx, local):
         assert seen.get(kind) and all(v == kind for v in seen[kind]), (kind, seen.get(kind))
     # 2x2 tiles in batches of 2, two steps: every tile batch's call got the extra arguments
     assert len(seen["unet"]) == 4 and all(e == (("positional",), {"qtd_probe": "unet"}) for e in seen["unet"])
+
+
+def test_nodes_and_runs_leave_the_input_model_unchanged(pack, fx, local):
+    """ModelPatcher.clone() deep-copied model_options up to 0.13 and shares everything but dicts and
+    lists since 0.14: the nodes and a sampling run must change nothing reachable from the input
+    model (its model_options, transformer_options, wrappers), whatever clone copies."""
+    base = local.clone()
+    base.model_options["transformer_options"] = {"user_key": [1, 2]}
+
+    def snapshot(m):
+        to = m.model_options.get("transformer_options", {})
+        return (sorted(m.model_options), sorted(to), repr(to.get("user_key")),
+                {k: sorted(v) for k, v in m.wrappers.items()}, m.model_options.get("model_function_wrapper"))
+
+    before = snapshot(base)
+    m = tiled(pack, fx, base, tile_width=128, tile_height=128, tile_overlap=0, tile_batch_size=2)
+    (s,) = fx.call_node(pack.nodes.SpotDiffusionParams_QuadtreeDiffusion, model=m, shift_method="sorted", seed=3)
+    tiled_before = snapshot(m)
+    pos, neg = conds(fx)
+    fx.run_ksampler(s, pos, neg, source_latent(256, 256), steps=2, denoise=0.5)
+    assert snapshot(base) == before
+    assert snapshot(m) == tiled_before
+    assert pack.utils.SPOT_KEY not in m.model_options.get("transformer_options", {})
+    assert pack.utils.RUN_KEY not in s.model_options.get("transformer_options", {})   # the run's state left with it
