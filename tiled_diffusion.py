@@ -521,8 +521,9 @@ class TiledDiffusion:
         self._warned_no_run = False
 
     def __deepcopy__(self, memo):
-        # ModelPatcher.clone() deep-copies model_options; the engine is immutable configuration
-        # plus derived caches, so clones share it.
+        # ModelPatcher.clone() deep-copies model_options up to ComfyUI 0.13 and shares objects
+        # since 0.14: either way every clone gets this same engine (configuration plus derived
+        # caches keyed by canvas, device and dtype; per-run state lives in the run's options).
         return self
 
     # ---- keyed wrappers
