@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -519,6 +520,9 @@ class TiledDiffusion:
         self._plans: dict = {}      # plans by canvas/device/dtype/item (bounded), reused by later runs
         self._largest: dict = {}    # largest window per canvas, for memory planning
         self._warned_no_run = False
+        # ComfyUI's multi-GPU path calls the wrapper from one thread per device: the shared plan
+        # cache is updated under a lock (per-device plans themselves are used by one thread)
+        self._lock = threading.Lock()
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options up to ComfyUI 0.13 and shares objects
@@ -722,13 +726,14 @@ class TiledDiffusion:
         if run is not None and run_key in run.plans:
             return run.plans[run_key]
         key = (H, W, str(x.device), x.dtype, item)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype,
-                            item=item)
-            if len(self._plans) >= 4:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = plan
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device,
+                                x.dtype, item=item)
+                if len(self._plans) >= 4:
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[key] = plan
         if run is not None:
             if run.once(f"plan{item}"):
                 self._log_plan(plan, run, item)
