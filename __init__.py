@@ -1,4 +1,10 @@
-"""Quadtree Tiled Diffusion for ComfyUI: registration only (importing patches nothing)."""
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+"""Quadtree Tiled Diffusion for ComfyUI: registration only (importing patches nothing).
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+ComfyUI registers the nodes through the V3 entry point ``comfy_entrypoint()``. This module must
+not define ``NODE_CLASS_MAPPINGS``: ComfyUI's ``load_custom_node`` uses a module's
+``NODE_CLASS_MAPPINGS`` when there is one and then never calls ``comfy_entrypoint``. In-process
+callers use the classes in ``nodes`` (``nodes.NODES``, ``nodes.QuadtreeDiffusion``, ...).
+"""
+from .nodes import comfy_entrypoint
+
+__all__ = ["comfy_entrypoint"]

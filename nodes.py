@@ -1,9 +1,14 @@
-"""ComfyUI node classes: thin wrappers over quadtree.py and tiled_diffusion.py."""
+"""ComfyUI node classes (V3 schema): thin wrappers over quadtree.py and tiled_diffusion.py.
+
+The API is pinned to ``comfy_api.v0_0_2`` (present in every ComfyUI this pack supports), never
+``comfy_api.latest``. ComfyUI registers the nodes through ``comfy_entrypoint()`` (re-exported by
+``__init__.py``); importing this module patches nothing."""
 from __future__ import annotations
 
 import logging
 
 import torch
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import quadtree as qt
 from .tiled_diffusion import TileConfig, tiled_model
@@ -47,53 +52,88 @@ def draw_layout(image: torch.Tensor, layout: qt.Layout, thickness: int) -> torch
     return out
 
 
-class QuadtreeVisualizer:
-    DESCRIPTION = ("Builds a content-adaptive quadtree over the image (flat regions get large tiles, detailed "
-                   "regions small ones), gives each tile a denoise strength (largest tile min_denoise, smallest "
-                   "max_denoise) and draws the tiles coloured by denoise (blue low, red high). Connect QUADTREE "
-                   "to Quadtree Diffusion.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "QUADTREE")
-    RETURN_NAMES = ("image", "quadtree")
-    OUTPUT_TOOLTIPS = ("The image with tile borders coloured by denoise.", "The tile layout for Quadtree Diffusion.")
-    FUNCTION = "visualize"
+# The QUADTREE socket type (a quadtree.Layout, or a tuple of them for an IMAGE batch of different images).
+Quadtree = io.Custom("QUADTREE")
+
+# ComfyUI skips its own min/max check for every input validate_inputs takes, so
+# QuadtreeVisualizer.validate_inputs checks these itself (in this order); the schema uses the same bounds.
+CHECKED_RANGES = {
+    "min_denoise": (0.0, 1.0),
+    "max_denoise": (0.0, 1.0),
+    "min_tile_size": (1, 4096),
+    "max_tile_size": (64, 8192),
+}
+
+
+def _range_error(name, value):
+    lo, hi = CHECKED_RANGES[name]
+    if value is not None and not lo <= value <= hi:
+        return f"{name} ({value}) is outside {lo}..{hi}: set {name} between {lo} and {hi}"
+    return None
+
+
+def _choice_error(name, value, choices):
+    """Combo values are checked here too: ComfyUI 0.3.75 does not check V3 combo values at /prompt."""
+    if value is not None and value not in choices:
+        return f"{name}: '{value}' is not one of {', '.join(choices)}"
+    return None
+
+
+class QuadtreeVisualizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuadtreeVisualizer",
+            display_name="Quadtree Visualizer",
+            category=CATEGORY,
+            description=("Builds a content-adaptive quadtree over the image (flat regions get large tiles, detailed "
+                         "regions small ones), gives each tile a denoise strength (largest tile min_denoise, "
+                         "smallest max_denoise) and draws the tiles coloured by denoise (blue low, red high). "
+                         "Connect QUADTREE to Quadtree Diffusion."),
+            inputs=[
+                io.Image.Input("image", tooltip="The image the layout is built on: the one you encode into the "
+                                                "latent you sample (after any upscale)."),
+                io.Float.Input("content_threshold", default=25.0, min=0.0, max=255.0, step=0.1,
+                               tooltip="Split a tile while the magnitude of its per-channel RGB standard deviation "
+                                       "(0-255 units) exceeds this. Lower = more, smaller tiles."),
+                io.Int.Input("min_tile_size", default=128, min=CHECKED_RANGES["min_tile_size"][0],
+                             max=CHECKED_RANGES["min_tile_size"][1], step=1,
+                             tooltip="Smallest tile side in pixels (values below 8 act as 8). Content never "
+                                     "splits a tile below this."),
+                io.Float.Input("min_denoise", default=0.2, min=CHECKED_RANGES["min_denoise"][0],
+                               max=CHECKED_RANGES["min_denoise"][1], step=0.01,
+                               tooltip="Denoise of the largest (flattest) tiles."),
+                io.Float.Input("max_denoise", default=0.8, min=CHECKED_RANGES["max_denoise"][0],
+                               max=CHECKED_RANGES["max_denoise"][1], step=0.01,
+                               tooltip="Denoise of the smallest (most detailed) tiles."),
+                io.Int.Input("line_thickness", default=2, min=0, max=16, step=1,
+                             tooltip="Border width of the drawn tiles in pixels (0 = no borders)."),
+                io.Int.Input("max_tile_size", default=1024, min=CHECKED_RANGES["max_tile_size"][0],
+                             max=CHECKED_RANGES["max_tile_size"][1], step=8,
+                             tooltip="Largest tile side in pixels: larger tiles are always split, so no tile "
+                                     "exceeds what the model handles well."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The image with tile borders coloured by denoise."),
+                Quadtree.Output(display_name="quadtree", tooltip="The tile layout for Quadtree Diffusion."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "The image the layout is built on: the one you encode into the latent "
-                                           "you sample (after any upscale)."}),
-            "content_threshold": ("FLOAT", {"default": 25.0, "min": 0.0, "max": 255.0, "step": 0.1,
-                                            "tooltip": "Split a tile while the magnitude of its per-channel RGB "
-                                                       "standard deviation (0-255 units) exceeds this. Lower = "
-                                                       "more, smaller tiles."}),
-            "min_tile_size": ("INT", {"default": 128, "min": 1, "max": 4096, "step": 1,
-                                      "tooltip": "Smallest tile side in pixels (values below 8 act as 8). "
-                                                 "Content never splits a tile below this."}),
-            "min_denoise": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Denoise of the largest (flattest) tiles."}),
-            "max_denoise": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "Denoise of the smallest (most detailed) tiles."}),
-            "line_thickness": ("INT", {"default": 2, "min": 0, "max": 16, "step": 1,
-                                       "tooltip": "Border width of the drawn tiles in pixels (0 = no borders)."}),
-            "max_tile_size": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8,
-                                      "tooltip": "Largest tile side in pixels: larger tiles are always split, "
-                                                 "so no tile exceeds what the model handles well."}),
-        }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, min_denoise, max_denoise, min_tile_size, max_tile_size):
-        # ComfyUI leaves the range checks of the inputs named here to this function.
-        spec = cls.INPUT_TYPES()["required"]
-        for name, value in (("min_denoise", min_denoise), ("max_denoise", max_denoise),
-                            ("min_tile_size", min_tile_size), ("max_tile_size", max_tile_size)):
-            lo, hi = spec[name][1]["min"], spec[name][1]["max"]
-            if value is not None and not lo <= value <= hi:
-                return f"{name} ({value}) is outside {lo}..{hi}: set {name} between {lo} and {hi}"
+    def validate_inputs(cls, min_denoise=None, max_denoise=None, min_tile_size=None, max_tile_size=None):
+        # ComfyUI flags every input named here when this fails, and leaves their range checks to it.
+        # A linked (not yet computed) input arrives as None and is checked in execute instead.
+        values = {"min_denoise": min_denoise, "max_denoise": max_denoise, "min_tile_size": min_tile_size,
+                  "max_tile_size": max_tile_size}
+        for name, value in values.items():
+            err = _range_error(name, value)
+            if err:
+                return err
         return _denoise_range_error(min_denoise, max_denoise) or _tile_size_error(min_tile_size, max_tile_size) or True
 
-    def visualize(self, image, content_threshold, min_tile_size, min_denoise, max_denoise, line_thickness,
-                  max_tile_size=1024):
+    @classmethod
+    def execute(cls, image, content_threshold, min_tile_size, min_denoise, max_denoise, line_thickness,
+                max_tile_size=1024) -> io.NodeOutput:
         err = _denoise_range_error(min_denoise, max_denoise) or _tile_size_error(min_tile_size, max_tile_size)
         if err:
             raise ValueError(err)
@@ -106,67 +146,66 @@ class QuadtreeVisualizer:
                  first.height, len(first.tiles), first.size_histogram(), *first.denoise_range,
                  f" (one layout per image for {len(layouts)} images)" if differ else "")
         # One layout when the batch agrees; otherwise one per image, matched to the latent batch items.
-        return (drawn, tuple(layouts) if differ else first)
+        return io.NodeOutput(drawn, tuple(layouts) if differ else first)
 
 
-class QuadtreeDiffusion:
-    DESCRIPTION = ("Samples the latent in tiles at the sampler's shared timestep and blends the x0 predictions "
-                   "(MultiDiffusion, Mixture of Diffusers or SpotDiffusion). With a QUADTREE connected, tiles "
-                   "follow the image's content and carry per-tile denoise; otherwise a regular grid is used. "
-                   "Memory is bounded by the tile batch, not the canvas.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("A clone of the model that samples in tiles; connect it to a KSampler.",)
-    FUNCTION = "apply"
+class QuadtreeDiffusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuadtreeDiffusion",
+            display_name="Quadtree Diffusion",
+            category=CATEGORY,
+            description=("Samples the latent in tiles at the sampler's shared timestep and blends the x0 "
+                         "predictions (MultiDiffusion, Mixture of Diffusers or SpotDiffusion). With a QUADTREE "
+                         "connected, tiles follow the image's content and carry per-tile denoise; otherwise a "
+                         "regular grid is used. Memory is bounded by the tile batch, not the canvas."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to tile (it is cloned, never changed)."),
+                io.Combo.Input("method", options=list(METHODS), default="Mixture of Diffusers",
+                               tooltip="MultiDiffusion: plain average of overlapping tiles. Mixture of Diffusers: "
+                                       "Gaussian-weighted average (smoothest seams). SpotDiffusion: no overlap, "
+                                       "tiles shifted every step (fastest)."),
+                io.Boolean.Input("enable_overlap", default=True,
+                                 tooltip="Give tiles overlapping context (not used by SpotDiffusion)."),
+                io.Int.Input("tile_overlap", default=64, min=0, max=1024, step=8,
+                             tooltip="Pixels neighbouring tiles share. Clamped to half a tile (grid) or the "
+                                     "smallest tile side (quadtree)."),
+                io.Int.Input("tile_batch_size", default=0, min=0, max=256, step=1,
+                             tooltip="Tiles per model call. 0 = auto: as many same-size tiles as fit the free "
+                                     "memory of the model's device."),
+                io.Int.Input("skip_diffusion_below", default=0, min=0, max=8192, step=8,
+                             tooltip="Tiles whose smaller side (px) is below this are never sampled: they keep "
+                                     "the input latent exactly (img2img). 0 = off."),
+                io.Combo.Input("variable_denoise", options=list(MODES), default="schedule",
+                               tooltip="schedule: a tile with denoise d is sampled only in the last "
+                                       "round(d*steps) steps (true per-tile strength, fewer model calls). scale: "
+                                       "every step of a tile is scaled by a factor rising to 1. off: all tiles "
+                                       "full strength."),
+                io.Int.Input("tile_width", default=1024, min=64, max=16384, step=8,
+                             tooltip="Grid tile width in pixels (used when no quadtree is connected)."),
+                io.Int.Input("tile_height", default=1024, min=64, max=16384, step=8,
+                             tooltip="Grid tile height in pixels (used when no quadtree is connected)."),
+                Quadtree.Input("quadtree", optional=True,
+                               tooltip="Layout from Quadtree Visualizer, built on the image you encode into this "
+                                       "latent. Leave empty for a regular grid."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="A clone of the model that samples in tiles; connect it to a KSampler."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to tile (it is cloned, never changed)."}),
-                "method": (list(METHODS), {"default": "Mixture of Diffusers",
-                                           "tooltip": "MultiDiffusion: plain average of overlapping tiles. "
-                                                      "Mixture of Diffusers: Gaussian-weighted average (smoothest "
-                                                      "seams). SpotDiffusion: no overlap, tiles shifted every step "
-                                                      "(fastest)."}),
-                "enable_overlap": ("BOOLEAN", {"default": True,
-                                               "tooltip": "Give tiles overlapping context (not used by "
-                                                          "SpotDiffusion)."}),
-                "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 1024, "step": 8,
-                                         "tooltip": "Pixels neighbouring tiles share. Clamped to half a tile "
-                                                    "(grid) or the smallest tile side (quadtree)."}),
-                "tile_batch_size": ("INT", {"default": 0, "min": 0, "max": 256, "step": 1,
-                                            "tooltip": "Tiles per model call. 0 = auto: as many same-size tiles "
-                                                       "as fit the free memory of the model's device."}),
-                "skip_diffusion_below": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
-                                                 "tooltip": "Tiles whose smaller side (px) is below this are never "
-                                                            "sampled: they keep the input latent exactly (img2img). "
-                                                            "0 = off."}),
-                "variable_denoise": (list(MODES), {"default": "schedule",
-                                                   "tooltip": "schedule: a tile with denoise d is sampled only in "
-                                                              "the last round(d*steps) steps (true per-tile "
-                                                              "strength, fewer model calls). scale: every step of "
-                                                              "a tile is scaled by a factor rising to 1. off: all "
-                                                              "tiles full strength."}),
-                "tile_width": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8,
-                                       "tooltip": "Grid tile width in pixels (used when no quadtree is "
-                                                  "connected)."}),
-                "tile_height": ("INT", {"default": 1024, "min": 64, "max": 16384, "step": 8,
-                                        "tooltip": "Grid tile height in pixels (used when no quadtree is "
-                                                   "connected)."}),
-            },
-            "optional": {
-                "quadtree": ("QUADTREE", {"tooltip": "Layout from Quadtree Visualizer, built on the image you "
-                                                     "encode into this latent. Leave empty for a regular grid."}),
-            },
-        }
+    def validate_inputs(cls, method=None, variable_denoise=None):
+        return _choice_error("method", method, METHODS) or \
+            _choice_error("variable_denoise", variable_denoise, MODES) or True
 
-    def apply(self, model, method, enable_overlap, tile_overlap, tile_batch_size, skip_diffusion_below,
-              variable_denoise, tile_width, tile_height, quadtree=None):
-        if method not in METHODS:
-            raise ValueError(f"method: '{method}' is not one of {', '.join(METHODS)}")
-        if variable_denoise not in MODES:
-            raise ValueError(f"variable_denoise: '{variable_denoise}' is not one of {', '.join(MODES)}")
+    @classmethod
+    def execute(cls, model, method, enable_overlap, tile_overlap, tile_batch_size, skip_diffusion_below,
+                variable_denoise, tile_width, tile_height, quadtree=None) -> io.NodeOutput:
+        err = _choice_error("method", method, METHODS) or _choice_error("variable_denoise", variable_denoise, MODES)
+        if err:
+            raise ValueError(err)
         layouts = quadtree if isinstance(quadtree, (tuple, list)) else (quadtree,)
         if quadtree is not None and not all(isinstance(lay, qt.Layout) for lay in layouts):
             raise ValueError("quadtree: expected the QUADTREE output of Quadtree Visualizer")
@@ -176,47 +215,55 @@ class QuadtreeDiffusion:
                          tile_batch_size=int(tile_batch_size), skip_below=int(skip_diffusion_below),
                          variable_denoise=variable_denoise, tile_width=int(tile_width),
                          tile_height=int(tile_height), layout=quadtree)
-        return (tiled_model(model, cfg),)
+        return io.NodeOutput(tiled_model(model, cfg))
 
 
-class SpotDiffusionParams_QuadtreeDiffusion:
-    DESCRIPTION = ("Sets how SpotDiffusion shifts the tiles from step to step. Place before or after Quadtree "
-                   "Diffusion (method SpotDiffusion).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("A clone of the model carrying the SpotDiffusion parameters.",)
-    FUNCTION = "apply"
+class SpotDiffusionParams_QuadtreeDiffusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SpotDiffusionParams_QuadtreeDiffusion",
+            display_name="SpotDiffusion Parameters (Quadtree)",
+            category=CATEGORY,
+            description=("Sets how SpotDiffusion shifts the tiles from step to step. Place before or after "
+                         "Quadtree Diffusion (method SpotDiffusion)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model (before or after Quadtree Diffusion)."),
+                io.Combo.Input("shift_method", options=list(SHIFT_METHODS), default="random",
+                               tooltip="random: a new random shift each step. sorted: the same shifts in "
+                                       "ascending order (the seam sweeps across once). fibonacci: golden-ratio "
+                                       "sequence, evenly spread shifts."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the shifts (independent per axis)."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="A clone of the model carrying the SpotDiffusion parameters."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model (before or after Quadtree Diffusion)."}),
-            "shift_method": (list(SHIFT_METHODS), {"default": "random",
-                                                   "tooltip": "random: a new random shift each step. sorted: the "
-                                                              "same shifts in ascending order (the seam sweeps "
-                                                              "across once). fibonacci: golden-ratio sequence, "
-                                                              "evenly spread shifts."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                             "tooltip": "Seed of the shifts (independent per axis)."}),
-        }}
+    def validate_inputs(cls, shift_method=None):
+        return _choice_error("shift_method", shift_method, SHIFT_METHODS) or True
 
-    def apply(self, model, shift_method, seed):
-        if shift_method not in SHIFT_METHODS:
-            raise ValueError(f"shift_method: '{shift_method}' is not one of {', '.join(SHIFT_METHODS)}")
+    @classmethod
+    def execute(cls, model, shift_method, seed) -> io.NodeOutput:
+        err = _choice_error("shift_method", shift_method, SHIFT_METHODS)
+        if err:
+            raise ValueError(err)
         m = model.clone()
         m.model_options.setdefault("transformer_options", {})[SPOT_KEY] = {"shift_method": shift_method,
                                                                           "seed": int(seed)}
-        return (m,)
+        return io.NodeOutput(m)
 
 
-NODE_CLASS_MAPPINGS = {
-    "QuadtreeVisualizer": QuadtreeVisualizer,
-    "QuadtreeDiffusion": QuadtreeDiffusion,
-    "SpotDiffusionParams_QuadtreeDiffusion": SpotDiffusionParams_QuadtreeDiffusion,
-}
+NODES = (QuadtreeVisualizer, QuadtreeDiffusion, SpotDiffusionParams_QuadtreeDiffusion)
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "QuadtreeVisualizer": "Quadtree Visualizer",
-    "QuadtreeDiffusion": "Quadtree Diffusion",
-    "SpotDiffusionParams_QuadtreeDiffusion": "SpotDiffusion Parameters (Quadtree)",
-}
+
+class QuadtreeDiffusionExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> QuadtreeDiffusionExtension:
+    """ComfyUI's V3 registration hook (re-exported by ``__init__.py``)."""
+    return QuadtreeDiffusionExtension()

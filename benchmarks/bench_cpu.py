@@ -106,10 +106,11 @@ class Bench:
         return self.torch.from_numpy(np.asarray(img).astype("float32") / 255.0)[None]
 
     def quadtree(self, min_denoise=0.2, max_denoise=0.8):
-        node = self.pack.NODE_CLASS_MAPPINGS["QuadtreeVisualizer"]
+        node = benchlib.node_class(self.pack, "QuadtreeVisualizer")
         min_tile = max(32, self.canvas // 8)
-        _, layout = node().visualize(self.image, 25.0, min_tile, min_denoise, max_denoise, 0,
-                                     max_tile_size=self.canvas // 2)
+        _, layout = self.fx.call_node(node, image=self.image, content_threshold=25.0, min_tile_size=min_tile,
+                                      min_denoise=min_denoise, max_denoise=max_denoise, line_thickness=0,
+                                      max_tile_size=self.canvas // 2)
         return layout
 
     # ---- one KSampler run

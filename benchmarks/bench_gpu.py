@@ -152,8 +152,9 @@ class GpuBench:
         return self.fx.synthetic_photo(canvas, canvas, seed=0)
 
     def quadtree(self, canvas: int):
-        node = self.pack.NODE_CLASS_MAPPINGS["QuadtreeVisualizer"]
-        _, layout = node().visualize(self.image(canvas), 25.0, self.qt_min, 0.2, 0.8, 0, max_tile_size=self.qt_max)
+        node = benchlib.node_class(self.pack, "QuadtreeVisualizer")
+        _, layout = self.fx.call_node(node, image=self.image(canvas), content_threshold=25.0, min_tile_size=self.qt_min,
+                                      min_denoise=0.2, max_denoise=0.8, line_thickness=0, max_tile_size=self.qt_max)
         return layout
 
     def elapsed(self) -> float:

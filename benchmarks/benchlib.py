@@ -312,14 +312,31 @@ class RunSummaryLog(logging.Handler):
             lg.propagate = old_prop
 
 
+def node_class(pack, node_id: str):
+    """The pack's node class ``node_id``, found the way ComfyUI's load_custom_node finds it: in the
+    pack's NODE_CLASS_MAPPINGS (a V1 pack, e.g. an older copy given to --pack / --compare-pack), else
+    in the node list of its V3 ``comfy_entrypoint()``. Run it with ``fx.call_node``."""
+    mappings = getattr(pack, "NODE_CLASS_MAPPINGS", None)
+    if mappings is not None:
+        return mappings[node_id]
+    import asyncio
+
+    async def node_list():
+        return await (await pack.comfy_entrypoint()).get_node_list()
+    for cls in asyncio.run(node_list()):
+        if cls.GET_NODE_INFO_V1()["name"] == node_id:
+            return cls
+    raise KeyError(f"the node pack {pack.__name__} registers no node {node_id!r}")
+
+
 def tile_model(pack, model, **kw):
     """QuadtreeDiffusion node applied to ``model`` (node defaults overridden by ``kw``)."""
-    node = pack.NODE_CLASS_MAPPINGS["QuadtreeDiffusion"]
+    node = node_class(pack, "QuadtreeDiffusion")
     args = {"method": "Mixture of Diffusers", "enable_overlap": True, "tile_overlap": 64, "tile_batch_size": 4,
             "skip_diffusion_below": 0, "variable_denoise": "off", "tile_width": 1024, "tile_height": 1024,
             "quadtree": None}
     args.update(kw)
-    (m,) = node().apply(model, **args)
+    (m,) = load_fixtures().call_node(node, model=model, **args)
     return m
 
 

@@ -98,8 +98,17 @@ PROBE = textwrap.dedent(r'''
         print("QTD_PROBE_REPORT=" + json.dumps(report))
         sys.exit(0)
 
-    mappings = getattr(pack, "NODE_CLASS_MAPPINGS", {})
+    # the nodes as ComfyUI's load_custom_node registers them: NODE_CLASS_MAPPINGS when the pack
+    # has one, else the V3 comfy_entrypoint() -> ComfyExtension.get_node_list()
+    mappings = getattr(pack, "NODE_CLASS_MAPPINGS", None)
+    if mappings is None and hasattr(pack, "comfy_entrypoint"):
+        import asyncio
+        async def _node_list():
+            return await (await pack.comfy_entrypoint()).get_node_list()
+        mappings = {cls.GET_NODE_INFO_V1()["name"]: cls for cls in asyncio.run(_node_list())}
+    mappings = mappings or {}
     report["nodes"] = sorted(mappings)
+    check("after registration")
 
     model = fx.local_model(0)
     state0 = patcher_state(model)
@@ -110,7 +119,7 @@ PROBE = textwrap.dedent(r'''
     clones = []
     for name in ("QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion"):
         if name not in mappings:
-            report["errors"].append(f"node {name} missing from NODE_CLASS_MAPPINGS")
+            report["errors"].append(f"node {name} not registered by the pack")
             continue
         cls = mappings[name]
         args = fx.node_input_defaults(cls)

@@ -102,6 +102,27 @@ def test_out_of_range_values_are_rejected(comfy_server, oi, photo, inputs, name)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kw, node_id, class_type, name, text", [
+    (dict(method="Bogus"), "tiled", "QuadtreeDiffusion", "method",
+     "method: 'Bogus' is not one of MultiDiffusion, Mixture of Diffusers, SpotDiffusion"),
+    (dict(mode="bogus"), "tiled", "QuadtreeDiffusion", "variable_denoise",
+     "variable_denoise: 'bogus' is not one of schedule, scale, off"),
+    (dict(method="SpotDiffusion", spot=dict(shift_method="bogus")), "spot", "SpotDiffusionParams_QuadtreeDiffusion",
+     "shift_method", "shift_method: 'bogus' is not one of random, sorted, fibonacci"),
+], ids=["method", "variable_denoise", "shift_method"])
+def test_unknown_combo_value_is_rejected_at_prompt_naming_the_input(comfy_server, oi, kw, node_id, class_type,
+                                                                   name, text):
+    """ComfyUI 0.3.75 checks no V3 combo value at /prompt (newer versions do): the nodes'
+    validate_inputs does, so a bad value is refused before anything runs, on every version."""
+    srv = comfy_server
+    before = srv.get("/history").json()
+    errors = assert_rejected(srv, rl.tiled_prompt(oi, text=f"bad combo {name}", **kw), node_id, class_type)
+    mine = [e for e in errors if e["extra_info"]["input_name"] == name]
+    assert mine and all(text in e["details"] for e in mine), errors
+    assert srv.get("/history").json().keys() == before.keys(), "a rejected prompt must never be queued"
+
+
+@pytest.mark.slow
 def test_equal_bounds_are_valid(comfy_server, oi, photo):
     entry = comfy_server.run(vis_prompt(oi, photo, min_denoise=0.5, max_denoise=0.5, min_tile_size=64,
                                         max_tile_size=64), timeout=PROMPT_TIMEOUT)
