@@ -251,8 +251,10 @@ class SpotDiffusionParams_QuadtreeDiffusion(io.ComfyNode):
         if err:
             raise ValueError(err)
         m = model.clone()
-        m.model_options.setdefault("transformer_options", {})[SPOT_KEY] = {"shift_method": shift_method,
-                                                                          "seed": int(seed)}
+        # a new transformer_options dict: never write into one the input model may share
+        to = dict(m.model_options.get("transformer_options", {}))
+        to[SPOT_KEY] = {"shift_method": shift_method, "seed": int(seed)}
+        m.model_options["transformer_options"] = to
         return io.NodeOutput(m)
 
 
