@@ -11,6 +11,7 @@ import torch
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import quadtree as qt
+from . import tile_conditioning as tcond
 from . import tile_preview as tp
 from .tiled_diffusion import TileConfig, tiled_model
 from .utils import METHODS, SHIFT_METHODS, SPOT_KEY
@@ -280,6 +281,46 @@ class QuadtreeTileCrops(io.ComfyNode):
         return io.NodeOutput(crops)
 
 
+class QuadtreeTileConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuadtreeTileConditioning",
+            display_name="Quadtree Tile Conditioning",
+            category=CATEGORY,
+            description=("A prompt per tile: each tile of the layout is sampled with its own prompt (cross-attention "
+                         "context and pooled output), e.g. captions of Quadtree Tile Crops encoded by CLIP Text "
+                         "Encode. Connect the output to the KSampler's positive, and the same quadtree to Quadtree "
+                         "Diffusion. Tiles with different prompts still share model calls."),
+            is_input_list=True,
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The prompt for everything without a tile prompt of "
+                                                              "its own (and for untiled calls)."),
+                Quadtree.Input("quadtree", tooltip="The layout the tile prompts follow: the one Quadtree Diffusion "
+                                                   "and Quadtree Tile Crops use."),
+                io.Conditioning.Input("tile_conditioning", tooltip="One CONDITIONING per tile, in tile order (a "
+                                                                   "list, e.g. CLIP Text Encode run over the "
+                                                                   "captions of the tile crops)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(tooltip="The prompt with its tile prompts: connect to the KSampler's "
+                                               "positive."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, quadtree, tile_conditioning) -> io.NodeOutput:
+        if len(conditioning) != 1:
+            raise ValueError(f"conditioning: one CONDITIONING expected, got a list of {len(conditioning)}")
+        if len(quadtree) != 1 or not isinstance(quadtree[0], qt.Layout):
+            raise ValueError("quadtree: one layout expected (the QUADTREE output of Quadtree Visualizer or "
+                             "Quadtree Grid Layout; one image, not a batch of different layouts)")
+        out = tcond.attach(conditioning[0], quadtree[0], list(tile_conditioning))
+        log.info("[Quadtree Diffusion] %d tile prompts for a %d-tile layout", len(tile_conditioning),
+                 len(quadtree[0].tiles))
+        return io.NodeOutput(out)
+
+
 class QuadtreeGridLayout(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -316,7 +357,7 @@ class QuadtreeGridLayout(io.ComfyNode):
 
 
 NODES = (QuadtreeVisualizer, QuadtreeDiffusion, SpotDiffusionParams_QuadtreeDiffusion, QuadtreeTileCrops,
-         QuadtreeGridLayout)
+         QuadtreeTileConditioning, QuadtreeGridLayout)
 
 
 class QuadtreeDiffusionExtension(ComfyExtension):

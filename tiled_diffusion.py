@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import quadtree as qt
+from . import tile_conditioning as tcond
 from . import variable_denoise as vd
 from .tile_control import TileControl
 from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
@@ -494,6 +495,7 @@ class RunState:
     spot: dict = field(default_factory=dict)     # batch item -> (y shifts, x shifts) per step
     batch: dict = field(default_factory=dict)    # (device, window size) -> auto tile batch
     hints: dict = field(default_factory=dict)    # prepared canvas-sized control hints (tile_control.py)
+    prompts: dict = field(default_factory=dict)  # cond uuid -> tile prompts encoded (tile_conditioning.py)
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
                                                  "schedule_saved": 0})
     logged: set = field(default_factory=set)
@@ -803,6 +805,7 @@ class TiledDiffusion:
         out = torch.zeros_like(x)
         ov = out.reshape(n_chunks, B, *x.shape[1:])
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
+        prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
         for group in plan.groups(evaluated):
             h, w = plan.windows[group[0]].size
             k = max(1, self._batch_size(run, model, x, n_chunks, (h, w)))
@@ -814,6 +817,8 @@ class TiledDiffusion:
                 xt = xt.reshape(-1, *xt.shape[3:])
                 tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
                 ct = tile_cond(c, wins, n_chunks, N, H, W, rep)
+                if prompts is not None:
+                    ct = tcond.apply(ct, wins, H, W, n_chunks, B, prompts)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks, shift))
@@ -843,7 +848,7 @@ class TiledDiffusion:
 def tiled_model(model, cfg: TileConfig):
     """A clone of ``model`` that samples in tiles: the engine as its unet function wrapper plus
     keyed SAMPLER_SAMPLE (run state), PREPARE_SAMPLING (memory planning) and CALC_COND_BATCH
-    (per-tile ControlNet) wrappers.  A wrapper already on the model is kept and called per tile
+    (per-tile ControlNet; per-tile prompts) wrappers.  A wrapper already on the model is kept and called per tile
     batch; an earlier Quadtree Diffusion on the same model is replaced, not stacked."""
     import comfy.patcher_extension
     m = model.clone()
@@ -859,6 +864,8 @@ def tiled_model(model, cfg: TileConfig):
                      (wmp.CALC_COND_BATCH, TileControl(engine).calc_cond_batch)):
         m.remove_wrappers_with_key(kind, WRAPPER_KEY)
         m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+    m.remove_wrappers_with_key(wmp.CALC_COND_BATCH, tcond.KEY)
+    m.add_wrapper_with_key(wmp.CALC_COND_BATCH, tcond.KEY, tcond.TilePromptConds().calc_cond_batch)
     return m
 
 

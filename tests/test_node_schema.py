@@ -71,6 +71,15 @@ EXPECTED = {
         "output_name": ["crops"],
         "output_is_list": [True],
     },
+    "QuadtreeTileConditioning": {
+        "display_name": "Quadtree Tile Conditioning",
+        "required": [("conditioning", "CONDITIONING", {}), ("quadtree", "QUADTREE", {}),
+                     ("tile_conditioning", "CONDITIONING", {})],
+        "optional": [],
+        "output": ["CONDITIONING"],
+        "output_name": ["CONDITIONING"],
+        "input_is_list": True,
+    },
     "QuadtreeGridLayout": {
         "display_name": "Quadtree Grid Layout",
         "required": [
@@ -155,6 +164,7 @@ def test_node_info_matches_the_v1_nodes(pack, node_id):
     assert info["output"] == want["output"]
     assert info["output_name"] == want["output_name"]
     assert info["output_is_list"] == want.get("output_is_list", [False] * len(want["output"]))
+    assert getattr(nodes[node_id], "INPUT_IS_LIST", False) is want.get("input_is_list", False)
     assert len(info["output_tooltips"]) == len(want["output"]) and all(info["output_tooltips"])
 
 
