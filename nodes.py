@@ -11,6 +11,8 @@ import torch
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import quadtree as qt
+from . import tile_conditioning as tcond
+from . import tile_preview as tp
 from .tiled_diffusion import TileConfig, tiled_model
 from .utils import METHODS, SHIFT_METHODS, SPOT_KEY
 from .variable_denoise import MODES
@@ -32,24 +34,6 @@ def _tile_size_error(min_tile_size, max_tile_size):
         return (f"min_tile_size ({min_tile_size}px) is greater than max_tile_size ({max_tile_size}px): "
                 f"lower min_tile_size or raise max_tile_size")
     return None
-
-
-def draw_layout(image: torch.Tensor, layout: qt.Layout, thickness: int) -> torch.Tensor:
-    """The image with each tile's border drawn, coloured by denoise: blue (0) to red (1)."""
-    out = image[..., :3].clone()
-    if thickness <= 0:
-        return out
-    H, W = out.shape[0], out.shape[1]
-    for t in layout.tiles:
-        color = torch.tensor([t.denoise, 0.15, 1.0 - t.denoise], dtype=out.dtype)
-        x0, y0 = t.x, t.y
-        x1, y1 = min(t.x + t.w, W), min(t.y + t.h, H)
-        th = min(thickness, max(1, t.w // 2), max(1, t.h // 2))
-        out[y0:y0 + th, x0:x1] = color
-        out[max(y0, y1 - th):y1, x0:x1] = color
-        out[y0:y1, x0:x0 + th] = color
-        out[y0:y1, max(x0, x1 - th):x1] = color
-    return out
 
 
 # The QUADTREE socket type (a quadtree.Layout, or a tuple of them for an IMAGE batch of different images).
@@ -112,6 +96,9 @@ class QuadtreeVisualizer(io.ComfyNode):
                              max=CHECKED_RANGES["max_tile_size"][1], step=8,
                              tooltip="Largest tile side in pixels: larger tiles are always split, so no tile "
                                      "exceeds what the model handles well."),
+                io.Boolean.Input("draw_indices", default=False, optional=True,
+                                 tooltip="Draw each tile's index (its order in Quadtree Tile Crops and Quadtree "
+                                         "Tile Conditioning) at its top-left corner."),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The image with tile borders coloured by denoise."),
@@ -133,13 +120,16 @@ class QuadtreeVisualizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, content_threshold, min_tile_size, min_denoise, max_denoise, line_thickness,
-                max_tile_size=1024) -> io.NodeOutput:
+                max_tile_size=1024, draw_indices=False) -> io.NodeOutput:
         err = _denoise_range_error(min_denoise, max_denoise) or _tile_size_error(min_tile_size, max_tile_size)
         if err:
             raise ValueError(err)
         layouts = [qt.build_quadtree(img, content_threshold, max(min_tile_size, qt.MIN_TILE), max_tile_size,
                                      min_denoise, max_denoise) for img in image]
-        drawn = torch.stack([draw_layout(img, lay, line_thickness) for img, lay in zip(image, layouts)])
+        drawn = [tp.draw_layout(img, lay, line_thickness) for img, lay in zip(image, layouts)]
+        if draw_indices:
+            drawn = [tp.draw_indices(img, lay) for img, lay in zip(drawn, layouts)]
+        drawn = torch.stack(drawn)
         first = layouts[0]
         differ = any(lay.tiles != first.tiles for lay in layouts[1:])
         log.info("[Quadtree Diffusion] quadtree of %dx%dpx: %d tiles %s, denoise %.2f to %.2f%s", first.width,
@@ -258,7 +248,116 @@ class SpotDiffusionParams_QuadtreeDiffusion(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-NODES = (QuadtreeVisualizer, QuadtreeDiffusion, SpotDiffusionParams_QuadtreeDiffusion)
+class QuadtreeTileCrops(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuadtreeTileCrops",
+            display_name="Quadtree Tile Crops",
+            category=CATEGORY,
+            description=("Cuts the image into its layout's tiles: a list with one image per tile, in tile order (the "
+                         "indices Quadtree Visualizer draws). ComfyUI runs a node connected to it once per tile, "
+                         "e.g. a captioner whose captions become per-tile prompts."),
+            inputs=[
+                io.Image.Input("image", tooltip="The image the layout was built on (an upscaled copy of it is scaled "
+                                                "to; another aspect ratio is refused)."),
+                Quadtree.Input("quadtree", tooltip="The layout: Quadtree Visualizer's or Quadtree Grid Layout's."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="crops", is_output_list=True,
+                                tooltip="One image per tile, in tile order (a list: nodes after it run per tile)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image, quadtree) -> io.NodeOutput:
+        if isinstance(quadtree, (tuple, list)):
+            raise ValueError(f"quadtree: one layout per image ({len(quadtree)} images with different layouts): give "
+                             f"Quadtree Visualizer and Quadtree Tile Crops one image")
+        if not isinstance(quadtree, qt.Layout):
+            raise ValueError("quadtree: expected the QUADTREE output of Quadtree Visualizer or Quadtree Grid Layout")
+        crops = tp.tile_crops(image, quadtree)
+        log.info("[Quadtree Diffusion] %d tile crops of a %dx%dpx image", len(crops), image.shape[2], image.shape[1])
+        return io.NodeOutput(crops)
+
+
+class QuadtreeTileConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuadtreeTileConditioning",
+            display_name="Quadtree Tile Conditioning",
+            category=CATEGORY,
+            description=("A prompt per tile: each tile of the layout is sampled with its own prompt (cross-attention "
+                         "context and pooled output), e.g. captions of Quadtree Tile Crops encoded by CLIP Text "
+                         "Encode. Connect the output to the KSampler's positive, and the same quadtree to Quadtree "
+                         "Diffusion. Tiles with different prompts still share model calls."),
+            is_input_list=True,
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The prompt for everything without a tile prompt of "
+                                                              "its own (and for untiled calls)."),
+                Quadtree.Input("quadtree", tooltip="The layout the tile prompts follow: the one Quadtree Diffusion "
+                                                   "and Quadtree Tile Crops use."),
+                io.Conditioning.Input("tile_conditioning", tooltip="One CONDITIONING per tile, in tile order (a "
+                                                                   "list, e.g. CLIP Text Encode run over the "
+                                                                   "captions of the tile crops)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(tooltip="The prompt with its tile prompts: connect to the KSampler's "
+                                               "positive."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, quadtree, tile_conditioning) -> io.NodeOutput:
+        if len(conditioning) != 1:
+            raise ValueError(f"conditioning: one CONDITIONING expected, got a list of {len(conditioning)}")
+        if len(quadtree) != 1 or not isinstance(quadtree[0], qt.Layout):
+            raise ValueError("quadtree: one layout expected (the QUADTREE output of Quadtree Visualizer or "
+                             "Quadtree Grid Layout; one image, not a batch of different layouts)")
+        out = tcond.attach(conditioning[0], quadtree[0], list(tile_conditioning))
+        log.info("[Quadtree Diffusion] %d tile prompts for a %d-tile layout", len(tile_conditioning),
+                 len(quadtree[0].tiles))
+        return io.NodeOutput(out)
+
+
+class QuadtreeGridLayout(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="QuadtreeGridLayout",
+            display_name="Quadtree Grid Layout",
+            category=CATEGORY,
+            description=("A regular grid as a QUADTREE layout (row by row, the last row and column take the rest), "
+                         "for Quadtree Tile Crops and per-tile prompts on txt2img grids, or for Quadtree Diffusion "
+                         "(tile_overlap then adds context around each cell)."),
+            inputs=[
+                io.Int.Input("width", default=2048, min=8, max=16384, step=8,
+                             tooltip="Width in pixels of the image you sample (the latent's width x 8 for SD/SDXL)."),
+                io.Int.Input("height", default=2048, min=8, max=16384, step=8,
+                             tooltip="Height in pixels of the image you sample."),
+                io.Int.Input("tile_width", default=1024, min=64, max=16384, step=8,
+                             tooltip="Cell width in pixels."),
+                io.Int.Input("tile_height", default=1024, min=64, max=16384, step=8,
+                             tooltip="Cell height in pixels."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoise of every cell (1.0 = full strength, as a plain grid)."),
+            ],
+            outputs=[
+                Quadtree.Output(display_name="quadtree", tooltip="The grid as a tile layout."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, width, height, tile_width, tile_height, denoise=1.0) -> io.NodeOutput:
+        layout = qt.grid_layout(int(width), int(height), int(tile_width), int(tile_height), float(denoise))
+        log.info("[Quadtree Diffusion] grid layout of %dx%dpx: %d tiles %s", width, height, len(layout.tiles),
+                 layout.size_histogram())
+        return io.NodeOutput(layout)
+
+
+NODES = (QuadtreeVisualizer, QuadtreeDiffusion, SpotDiffusionParams_QuadtreeDiffusion, QuadtreeTileCrops,
+         QuadtreeTileConditioning, QuadtreeGridLayout)
 
 
 class QuadtreeDiffusionExtension(ComfyExtension):

@@ -205,9 +205,10 @@ def grid_partition(length: int, tile: int) -> list[tuple[int, int]]:
     return [(s, min(tile, length - s)) for s in range(0, length, tile)]
 
 
-def grid_layout(width: int, height: int, tile_width: int, tile_height: int) -> Layout:
-    """A regular partition of the canvas into ``tile_width`` x ``tile_height`` cells, denoise 1.0."""
-    tiles = tuple(Tile(x, y, w, h, 1.0, 0)
+def grid_layout(width: int, height: int, tile_width: int, tile_height: int, denoise: float = 1.0) -> Layout:
+    """A regular partition of the canvas into ``tile_width`` x ``tile_height`` cells (row by row), each
+    with strength ``denoise``."""
+    tiles = tuple(Tile(x, y, w, h, denoise, 0)
                   for y, h in grid_partition(height, tile_height)
                   for x, w in grid_partition(width, tile_width))
     return Layout(width, height, tiles, "grid", dict(tile_width=tile_width, tile_height=tile_height))

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import quadtree as qt
+from . import regional
+from . import tile_conditioning as tcond
 from . import variable_denoise as vd
 from .tile_control import TileControl
 from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
@@ -494,6 +496,8 @@ class RunState:
     spot: dict = field(default_factory=dict)     # batch item -> (y shifts, x shifts) per step
     batch: dict = field(default_factory=dict)    # (device, window size) -> auto tile batch
     hints: dict = field(default_factory=dict)    # prepared canvas-sized control hints (tile_control.py)
+    areas: dict = field(default_factory=dict)    # cond uuid -> its area's (y, x, h, w) box (regional.py)
+    prompts: dict = field(default_factory=dict)  # cond uuid -> tile prompts encoded (tile_conditioning.py)
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
                                                  "schedule_saved": 0})
     logged: set = field(default_factory=set)
@@ -668,18 +672,7 @@ class TiledDiffusion:
         H, W = int(x.shape[-2]), int(x.shape[-1])
         plan = self._plan(run, H, W, base, x, item)
         step, n = self._step(run, t, to)
-        coeffs = [vd.tile_coefficients(self.cfg.variable_denoise if plan_has_levels(self.cfg) else "off",
-                                       d, sk, step, n) for d, sk in plan.levels]
-        if src is None and any(a != 1.0 or b != 1.0 for a, b in coeffs):
-            if run is None and not self._warned_no_run:
-                self._warned_no_run = True       # once per engine: there is no run to attach it to
-                log.warning("%s WARNING - No sigmas in store, variable denoise will NOT work "
-                            "(the model was called outside a KSampler run); tiles run at full strength", PV)
-            elif run.once("nosrc"):
-                log.warning("%s WARNING - the sampler's source latent %s does not match the model input %s: "
-                            "variable denoise and skip will NOT work; tiles run at full strength", PV,
-                            list(run.source.shape) if run.source is not None else None, list(x.shape))
-            coeffs = [(1.0, 1.0)] * len(coeffs)
+        coeffs = self._coefficients(plan, run, step, n, src, x)
         if self.cfg.variable_denoise == "scale" and run is not None and run.once("scale"):
             d = min(dd for dd, _ in plan.levels)
             p = vd.progress(step, n)
@@ -721,6 +714,22 @@ class TiledDiffusion:
         return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
 
     # ---- helpers
+    def _coefficients(self, plan: Plan, run, step: int, n: int, src, x) -> list:
+        """Per level of the plan, this step's (a, b) of variable denoise; all (1, 1) without a source."""
+        coeffs = [vd.tile_coefficients(self.cfg.variable_denoise if plan_has_levels(self.cfg) else "off",
+                                       d, sk, step, n) for d, sk in plan.levels]
+        if src is None and any(a != 1.0 or b != 1.0 for a, b in coeffs):
+            if run is None and not self._warned_no_run:
+                self._warned_no_run = True       # once per engine: there is no run to attach it to
+                log.warning("%s WARNING - No sigmas in store, variable denoise will NOT work "
+                            "(the model was called outside a KSampler run); tiles run at full strength", PV)
+            elif run is not None and run.once("nosrc"):
+                log.warning("%s WARNING - the sampler's source latent %s does not match the model input %s: "
+                            "variable denoise and skip will NOT work; tiles run at full strength", PV,
+                            list(run.source.shape) if run.source is not None else None, list(x.shape))
+            coeffs = [(1.0, 1.0)] * len(coeffs)
+        return coeffs
+
     def _plan(self, run, H, W, base, x, item=0) -> Plan:
         run_key = (item, str(x.device))       # per device: ComfyUI's multi-GPU path runs one call per device
         if run is not None and run_key in run.plans:
@@ -803,6 +812,7 @@ class TiledDiffusion:
         out = torch.zeros_like(x)
         ov = out.reshape(n_chunks, B, *x.shape[1:])
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
+        prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
         for group in plan.groups(evaluated):
             h, w = plan.windows[group[0]].size
             k = max(1, self._batch_size(run, model, x, n_chunks, (h, w)))
@@ -814,6 +824,8 @@ class TiledDiffusion:
                 xt = xt.reshape(-1, *xt.shape[3:])
                 tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
                 ct = tile_cond(c, wins, n_chunks, N, H, W, rep)
+                if prompts is not None:
+                    ct = tcond.apply(ct, wins, H, W, n_chunks, B, prompts)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks, shift))
@@ -824,7 +836,63 @@ class TiledDiffusion:
         return out
 
     def _area_call(self, model: ModelCall, x, t, c, cou, n_chunks, base, run):
-        """A call on part of the canvas (an area-conditioned prompt): tiled on its own grid."""
+        """A call on part of the canvas (a prompt with an area): each group of chunks with the same
+        box on the canvas is evaluated with the canvas plan restricted to that box (regional.py)."""
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        to = c.get("transformer_options", {})
+        boxes = regional.chunk_boxes(run, to, n_chunks, h, w)
+        if boxes is None or len(self.cfg.layouts) > 1:
+            return self._area_grid_call(model, x, t, c, cou, n_chunks, base, run)
+        N = x.shape[0]
+        B = N // n_chunks
+        out = torch.empty_like(x)
+        for box in dict.fromkeys(boxes):          # the distinct boxes, in call order
+            chunks = [j for j, b in enumerate(boxes) if b == box]
+            if len(chunks) == n_chunks:
+                return self._area_item(model, x, t, c, cou, n_chunks, run, base, box)
+            rows = [j * B + b for j in chunks for b in range(B)]
+            tr = t[rows] if t.ndim > 0 and t.shape[0] == N else t
+            cr = select_rows(c, rows, N)
+            cr["transformer_options"] = {**to, "uuids": [to["uuids"][j] for j in chunks],
+                                         "cond_or_uncond": [cou[j] for j in chunks]}
+            out[rows] = self._area_item(model, x[rows], tr, cr, [cou[j] for j in chunks], len(chunks), run, base,
+                                        box)
+        return out
+
+    def _area_item(self, model: ModelCall, x, t, c, cou, n_chunks, run, base, box):
+        """x0' = src + A (x - src) + beta (M - x) on the box, with the canvas plan's windows clipped to it."""
+        y, x0, h, w = box
+        Hc, Wc = run.canvas
+        plan = self._plan(run, Hc, Wc, base, x, 0)
+        step, n = self._step(run, t, c.get("transformer_options", {}))
+        src = run.source
+        B = x.shape[0] // n_chunks
+        src = src[..., y:y + h, x0:x0 + w] if src is not None and src.shape[-2:] == (Hc, Wc) and \
+            src.shape[0] in (1, B) and src.shape[1:-2] == x.shape[1:-2] else None
+        coeffs = self._coefficients(plan, run, step, n, src, x)
+        evaluated = plan.windows_of({lvl for lvl, (a, _) in enumerate(coeffs) if a > 0})
+        weights = ({i: plan.weights[i].to(plan.dtype) for i in evaluated} if plan.spot
+                   else plan.normalized(evaluated))
+        area = regional.AreaPlan(plan, evaluated, weights, box)
+        run.stats["tiles"] += len(area.windows)
+        if run.once(f"area{box}"):
+            log.info("%s prompt with an area (%d,%d %dx%d latent px): %d of the canvas's tile windows, clipped to it",
+                     P, x0, y, w, h, len(area.windows))
+        if not area.windows:
+            return _broadcast_source(src, x, n_chunks)
+        blend = self._evaluate(model, x, t, c, cou, n_chunks, area, area.evaluated, area.weights, run)
+        if all(a == 1.0 and b == 1.0 for a, b in coeffs):
+            return blend
+        A, beta = plan.activity_maps(coeffs)
+        A, beta = A[y:y + h, x0:x0 + w], beta[y:y + h, x0:x0 + w]
+        xv = x.reshape(n_chunks, B, *x.shape[1:])
+        mv = blend.reshape(n_chunks, B, *x.shape[1:])
+        sv = src.to(x).reshape(1, src.shape[0], *x.shape[1:])
+        return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
+
+    def _area_grid_call(self, model: ModelCall, x, t, c, cou, n_chunks, base, run):
+        """A call on part of the canvas whose place is unknown (no run, or one layout per IMAGE batch
+        item): tiled on its own grid, at full strength."""
         H, W = int(x.shape[-2]), int(x.shape[-1])
         cfg = self.cfg
         grid_cfg = TileConfig(method="MultiDiffusion" if cfg.method == "SpotDiffusion" else cfg.method,
@@ -843,7 +911,7 @@ class TiledDiffusion:
 def tiled_model(model, cfg: TileConfig):
     """A clone of ``model`` that samples in tiles: the engine as its unet function wrapper plus
     keyed SAMPLER_SAMPLE (run state), PREPARE_SAMPLING (memory planning) and CALC_COND_BATCH
-    (per-tile ControlNet) wrappers.  A wrapper already on the model is kept and called per tile
+    (per-tile ControlNet; per-tile prompts) wrappers.  A wrapper already on the model is kept and called per tile
     batch; an earlier Quadtree Diffusion on the same model is replaced, not stacked."""
     import comfy.patcher_extension
     m = model.clone()
@@ -859,6 +927,10 @@ def tiled_model(model, cfg: TileConfig):
                      (wmp.CALC_COND_BATCH, TileControl(engine).calc_cond_batch)):
         m.remove_wrappers_with_key(kind, WRAPPER_KEY)
         m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+    for key, fn in ((tcond.KEY, tcond.TilePromptConds().calc_cond_batch),
+                    (regional.KEY, regional.RegionRecorder().calc_cond_batch)):
+        m.remove_wrappers_with_key(wmp.CALC_COND_BATCH, key)
+        m.add_wrapper_with_key(wmp.CALC_COND_BATCH, key, fn)
     return m
 
 

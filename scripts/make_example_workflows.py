@@ -33,7 +33,7 @@ WIDGETS = {
     "LoadImage": ["image"],
     "ImageScaleBy": ["upscale_method", "scale_by"],
     "QuadtreeVisualizer": ["content_threshold", "min_tile_size", "min_denoise", "max_denoise",
-                           "line_thickness", "max_tile_size"],
+                           "line_thickness", "max_tile_size", "draw_indices"],
     "VAEEncodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
     "VAEDecodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
     "QuadtreeDiffusion": ["method", "enable_overlap", "tile_overlap", "tile_batch_size",
@@ -245,7 +245,7 @@ def quadtree_img2img_upscale() -> Graph:
     img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
     up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
     vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=128,
-                 min_denoise=0.2, max_denoise=0.6, line_thickness=2, max_tile_size=1024)
+                 min_denoise=0.2, max_denoise=0.6, line_thickness=2, max_tile_size=1024, draw_indices=False)
     save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree visualisation",
                       filename_prefix="quadtree/visualisation")
     enc = g.node("VAEEncodeTiled", (760, 520), (300, 150), **VAE_TILED)
@@ -337,7 +337,7 @@ def quadtree_upscale_tile_controlnet() -> Graph:
     img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
     up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
     vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=128,
-                 min_denoise=0.3, max_denoise=0.75, line_thickness=2, max_tile_size=1024)
+                 min_denoise=0.3, max_denoise=0.75, line_thickness=2, max_tile_size=1024, draw_indices=False)
     save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree visualisation",
                       filename_prefix="quadtree/tile_cn_visualisation")
     cnl = g.node("ControlNetLoader", (40, 860), (320, 60), control_net_name=TILE_CN)

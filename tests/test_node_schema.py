@@ -30,7 +30,7 @@ EXPECTED = {
             ("line_thickness", "INT", {"default": 2, "min": 0, "max": 16, "step": 1}),
             ("max_tile_size", "INT", {"default": 1024, "min": 64, "max": 8192, "step": 8}),
         ],
-        "optional": [],
+        "optional": [("draw_indices", "BOOLEAN", {"default": False})],     # added after; optional, last
         "output": ["IMAGE", "QUADTREE"],
         "output_name": ["image", "quadtree"],
     },
@@ -62,6 +62,36 @@ EXPECTED = {
         "optional": [],
         "output": ["MODEL"],
         "output_name": ["MODEL"],
+    },
+    "QuadtreeTileCrops": {
+        "display_name": "Quadtree Tile Crops",
+        "required": [("image", "IMAGE", {}), ("quadtree", "QUADTREE", {})],
+        "optional": [],
+        "output": ["IMAGE"],
+        "output_name": ["crops"],
+        "output_is_list": [True],
+    },
+    "QuadtreeTileConditioning": {
+        "display_name": "Quadtree Tile Conditioning",
+        "required": [("conditioning", "CONDITIONING", {}), ("quadtree", "QUADTREE", {}),
+                     ("tile_conditioning", "CONDITIONING", {})],
+        "optional": [],
+        "output": ["CONDITIONING"],
+        "output_name": ["CONDITIONING"],
+        "input_is_list": True,
+    },
+    "QuadtreeGridLayout": {
+        "display_name": "Quadtree Grid Layout",
+        "required": [
+            ("width", "INT", {"default": 2048, "min": 8, "max": 16384, "step": 8}),
+            ("height", "INT", {"default": 2048, "min": 8, "max": 16384, "step": 8}),
+            ("tile_width", "INT", {"default": 1024, "min": 64, "max": 16384, "step": 8}),
+            ("tile_height", "INT", {"default": 1024, "min": 64, "max": 16384, "step": 8}),
+            ("denoise", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        ],
+        "optional": [],
+        "output": ["QUADTREE"],
+        "output_name": ["quadtree"],
     },
 }
 CATEGORY = "sampling/tiled_diffusion"
@@ -133,7 +163,8 @@ def test_node_info_matches_the_v1_nodes(pack, node_id):
     assert "hidden" not in info["input"]
     assert info["output"] == want["output"]
     assert info["output_name"] == want["output_name"]
-    assert info["output_is_list"] == [False] * len(want["output"])
+    assert info["output_is_list"] == want.get("output_is_list", [False] * len(want["output"]))
+    assert getattr(nodes[node_id], "INPUT_IS_LIST", False) is want.get("input_is_list", False)
     assert len(info["output_tooltips"]) == len(want["output"]) and all(info["output_tooltips"])
 
 

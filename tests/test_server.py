@@ -16,6 +16,7 @@ EXPECTED_ORDER = {
     "QuadtreeVisualizer": {
         "required": ["image", "content_threshold", "min_tile_size", "min_denoise", "max_denoise",
                      "line_thickness", "max_tile_size"],
+        "optional": ["draw_indices"],
     },
     "QuadtreeDiffusion": {
         "required": ["model", "method", "enable_overlap", "tile_overlap", "tile_batch_size",
@@ -147,3 +148,33 @@ def test_interrupt_answers_when_idle(comfy_server):
     assert r.status_code == 200 and r.content == b""
     comfy_server.interrupt()
     assert comfy_server.alive()
+
+
+def test_tile_crops_run_the_next_node_once_per_tile(pack, comfy_server, object_info):
+    """Quadtree Tile Crops outputs a list: ComfyUI runs the node after it once per tile, in tile order."""
+    oi = object_info
+    photo = fx.synthetic_photo(256, 192, seed=4)
+    fx.save_image(photo, os.path.join(comfy_server.input_dir, "qtd_crops.png"))
+    prompt = {
+        "1": node(oi, "LoadImage", image="qtd_crops.png"),
+        "2": node(oi, "QuadtreeVisualizer", image=["1", 0], content_threshold=20.0, min_tile_size=32,
+                  max_tile_size=128, line_thickness=0, draw_indices=True),
+        "3": node(oi, "QuadtreeTileCrops", image=["1", 0], quadtree=["2", 1]),
+        "4": node(oi, "SaveImage", images=["3", 0], filename_prefix="qtd_crop"),
+        # as saved before draw_indices existed: the optional input is simply absent
+        "5": {"class_type": "QuadtreeVisualizer", "inputs": {
+            "image": ["1", 0], "content_threshold": 20.0, "min_tile_size": 32, "min_denoise": 0.2,
+            "max_denoise": 0.8, "line_thickness": 2, "max_tile_size": 128}},
+        "6": node(oi, "SaveImage", images=["5", 0], filename_prefix="qtd_vis_old"),
+    }
+    history = comfy_server.run(prompt, timeout=PROMPT_TIMEOUT)
+    paths = comfy_server.output_images(history, "4")
+    src = read_png(os.path.join(comfy_server.input_dir, "qtd_crops.png"))
+    import torch
+    layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=torch.from_numpy(src[None] / 255.0),
+                          content_threshold=20.0, min_tile_size=32, min_denoise=0.2, max_denoise=0.8,
+                          line_thickness=0, max_tile_size=128)[1]
+    assert len(comfy_server.output_images(history, "6")) == 1
+    assert len(paths) == len(layout.tiles) > 4
+    for path, t in zip(paths, layout.tiles):
+        assert np.array_equal(read_png(path), src[t.y:t.y + t.h, t.x:t.x + t.w]), path

@@ -1,0 +1,126 @@
+"""Regional prompts (``ConditioningSetArea`` and masks set to their bounds) under tiling.
+
+ComfyUI evaluates a prompt with an area on the area's crop of the latent only: the unet wrapper
+gets a call whose input is smaller than the canvas, and ComfyUI blends its x0 into the canvas
+with the area's strength and feathering (``mult``).  Such a call is tiled here with the
+canvas's own plan restricted to the area, so that per-tile denoise, skip and the tile blend hold
+for regional prompts exactly as for the global one:
+
+* only the evaluated canvas windows w that touch the area A cost model work; each is evaluated
+  on w slid inside A (its size capped by A's), so its part w ∩ A sees as much context as a
+  canvas window (a window that only grazes A is no sliver without context);
+* its blend weight is the canvas's normalised weight on w ∩ A and 0 on the context: every window
+  covering a point of A still covers it, so the weights keep summing to the canvas's;
+* the activity maps and the source latent are the canvas's cropped to A, so
+  x0' = src + A (x - src) + beta (M - x) keeps a d = 0 or skipped tile at the source latent.
+
+With one tile covering the canvas, w slid inside A is A: the call is ComfyUI's untiled area call.
+
+Where the area sits is not in the model call: a keyed ``CALC_COND_BATCH`` wrapper
+(:class:`RegionRecorder`) records, per cond ``uuid``, the area ComfyUI resolved for it, and the
+engine looks the call's chunks up by ``transformer_options['uuids']``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .utils import RUN_KEY
+
+KEY = "quadtree_diffusion_regions"      # key of the keyed CALC_COND_BATCH wrapper
+
+
+def area_box(area, H: int, W: int):
+    """(y, x, h, w) in latent px of a resolved ComfyUI area (sizes..., offsets...) over its last two
+    dims, clipped to the H x W canvas as ``get_area_and_mult`` clips it; None if it is not one."""
+    if not isinstance(area, (tuple, list)) or len(area) < 4 or len(area) % 2 or isinstance(area[0], str):
+        return None
+    nd = len(area) // 2
+    h, w, y, x = (int(v) for v in (area[nd - 2], area[nd - 1], area[2 * nd - 2], area[2 * nd - 1]))
+    return y, x, min(H - y, h), min(W - x, w)
+
+
+class RegionRecorder:
+    """The keyed ``CALC_COND_BATCH`` wrapper that records each cond's area on the run."""
+
+    def __deepcopy__(self, memo):
+        return self      # no state: shared by model clones
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+        """Record the area of every cond of this call by its uuid (the run keeps them), pass all on."""
+        run = model_options.get("transformer_options", {}).get(RUN_KEY)
+        if run is not None:
+            H, W = int(x_in.shape[-2]), int(x_in.shape[-1])
+            for cond_list in conds:
+                for c in cond_list or ():
+                    if isinstance(c, dict) and "area" in c and c.get("uuid") not in run.areas:
+                        run.areas[c.get("uuid")] = area_box(c["area"], H, W)
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+
+
+def chunk_boxes(run, to: dict, n_chunks: int, h: int, w: int) -> list | None:
+    """Per chunk of an area call, its (y, x, h, w) box on the canvas; None if any is unknown or
+    does not have the call's size."""
+    uuids = to.get("uuids") or []
+    if run is None or len(uuids) < n_chunks:
+        return None
+    boxes = [run.areas.get(u) for u in uuids[:n_chunks]]
+    if any(b is None or (b[2], b[3]) != (h, w) for b in boxes):
+        return None
+    return boxes
+
+
+def slide_inside(a0: int, a1: int, length: int) -> tuple[int, int]:
+    """[a0, a1) with its size capped at ``length``, moved the least to lie inside [0, length)."""
+    size = min(a1 - a0, length)
+    start = min(max(a0, 0), length - size)
+    return start, start + size
+
+
+@dataclass(frozen=True)
+class Clipped:
+    """A canvas window slid inside an area, in the area's coordinates (engine Window interface);
+    ``core`` is the part of the canvas window inside the area."""
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    core: tuple
+    level: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.y1 - self.y0, self.x1 - self.x0)
+
+
+class AreaPlan:
+    """A canvas plan restricted to the box (y, x, h, w): what ``TiledDiffusion._evaluate`` needs
+    (``windows``, ``H``, ``W``, ``groups``) plus each window's weights, in the box's coordinates.
+
+    Window w touching the box is evaluated on w slid inside the box (its size capped by the box's),
+    so the part w ∩ box gets the context a canvas window has; its weight is the canvas's normalised
+    weight on w ∩ box and 0 on the context around it."""
+
+    def __init__(self, plan, evaluated, weights: dict, box):
+        y, x, h, w = box
+        self.H, self.W = h, w
+        self.windows, self.weights = [], {}
+        for i in evaluated:
+            win = plan.windows[i]
+            cy0, cy1, cx0, cx1 = max(win.y0, y), min(win.y1, y + h), max(win.x0, x), min(win.x1, x + w)
+            if cy1 <= cy0 or cx1 <= cx0:
+                continue
+            ey0, ey1 = slide_inside(win.y0 - y, win.y1 - y, h)
+            ex0, ex1 = slide_inside(win.x0 - x, win.x1 - x, w)
+            wt = weights[i].new_zeros(ey1 - ey0, ex1 - ex0)
+            wt[cy0 - y - ey0:cy1 - y - ey0, cx0 - x - ex0:cx1 - x - ex0] = \
+                weights[i][cy0 - win.y0:cy1 - win.y0, cx0 - win.x0:cx1 - win.x0]
+            self.weights[len(self.windows)] = wt
+            self.windows.append(Clipped(ey0, ey1, ex0, ex1, (cy0 - y, cy1 - y, cx0 - x, cx1 - x), win.level))
+        self.evaluated = tuple(range(len(self.windows)))
+
+    def groups(self, evaluated) -> list[list[int]]:
+        """Evaluated window indices grouped by (clipped) size: batchable together."""
+        by_size: dict = {}
+        for i in evaluated:
+            by_size.setdefault(self.windows[i].size, []).append(i)
+        return list(by_size.values())

@@ -1,0 +1,127 @@
+"""Regional prompts under tiling (issue 13), through ComfyUI's real KSampler and its own
+ConditioningSetArea / ConditioningSetMask / ConditioningCombine nodes."""
+import pytest
+import torch
+
+import qtd_fixtures as fx
+
+W_PX, H_PX = 384, 256         # 48 x 32 latent
+
+
+def core(name):
+    import nodes as comfy_nodes
+    return comfy_nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def regional(kind, base, region_prompt, box=(96, 64, 192, 160)):
+    """``base`` combined with ``region_prompt`` restricted to the pixel box (x, y, w, h): an area, a
+    mask set to its bounds (an area call too), or a plain mask (a canvas call with a weight map)."""
+    x, y, w, h = box
+    if kind == "area":
+        (r,) = fx.call_node(core("ConditioningSetArea"), conditioning=region_prompt, width=w, height=h, x=x, y=y,
+                            strength=1.0)
+    else:
+        mask = torch.zeros(1, H_PX, W_PX)
+        mask[:, y:y + h, x:x + w] = 1.0
+        (r,) = fx.call_node(core("ConditioningSetMask"), conditioning=region_prompt, mask=mask, strength=1.0,
+                            set_cond_area="mask bounds" if kind == "mask_bounds" else "default")
+    return fx.call_node(core("ConditioningCombine"), conditioning_1=base, conditioning_2=r)[0]
+
+
+def tiled(pack, model, **kw):
+    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
+    args.update(model=model, tile_batch_size=4, method="Mixture of Diffusers", tile_overlap=64)
+    args.update(kw)
+    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+
+
+@pytest.fixture(scope="module")
+def local():
+    return fx.local_model(0)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return fx.synthetic_photo(W_PX, H_PX, seed=1)      # flat sky on top, texture bottom right
+
+
+@pytest.fixture(scope="module")
+def source(photo):
+    return fx.FixtureVAE().encode(photo)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return fx.tiny_conditioning("a photo"), fx.tiny_conditioning("a red barn", tokens=154), \
+        fx.tiny_conditioning("blurry")
+
+
+def interiors(layout, pred):
+    return [(t.y // 8, (t.y + t.h) // 8, t.x // 8, (t.x + t.w) // 8) for t in layout.tiles if pred(t)]
+
+
+@pytest.mark.parametrize("kind", ["area", "mask_bounds", "mask"])
+def test_zero_denoise_and_skipped_tiles_keep_the_source_under_a_regional_prompt(pack, local, photo, source,
+                                                                                 prompts, kind):
+    base, region, neg = prompts
+    _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=photo, content_threshold=25.0, min_tile_size=32,
+                             min_denoise=0.0, max_denoise=0.9, line_thickness=0, max_tile_size=128)
+    sizes = sorted({t.min_side for t in layout.tiles})
+    zero = interiors(layout, lambda t: t.denoise == 0.0)
+    skip_below = sizes[1] if len(sizes) > 2 else 0         # the smallest tiles are skipped
+    skipped = interiors(layout, lambda t: t.min_side < skip_below)
+    pos = regional(kind, base, region, box=(0, 0, W_PX, H_PX // 2 + 64))   # over flat sky and texture alike
+    out = fx.run_ksampler(tiled(pack, local, quadtree=layout, tile_overlap=0, skip_diffusion_below=skip_below),
+                          pos, neg, source, steps=4, denoise=0.9)
+    assert zero and skipped
+    for y0, y1, x0, x1 in zero + skipped:
+        torch.testing.assert_close(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4, rtol=0)
+    changed = interiors(layout, lambda t: t.denoise > 0.0 and t.min_side >= skip_below)
+    assert changed and all(float((out - source)[..., a:b, c:d].abs().mean()) > 1e-2 for a, b, c, d in changed)
+
+
+@pytest.mark.parametrize("kind", ["area", "mask_bounds", "mask"])
+def test_one_tile_with_regional_prompts_equals_untiled(pack, local, source, prompts, kind):
+    base, region, neg = prompts
+    pos = regional(kind, base, region)
+    ref = fx.run_ksampler(local, pos, neg, source, steps=3, denoise=0.8)
+    out = fx.run_ksampler(tiled(pack, local, tile_width=W_PX, tile_height=H_PX), pos, neg, source, steps=3,
+                          denoise=0.8)
+    assert torch.equal(out, ref)
+    assert not torch.allclose(ref, fx.run_ksampler(local, base, neg, source, steps=3, denoise=0.8), atol=1e-3)
+
+
+def test_grid_with_regional_prompts_is_as_close_to_untiled_as_without(pack, local, source, prompts):
+    """Mixture of Diffusers on a 2x2-ish grid: tiled vs untiled, mean |diff| / std <= 1e-3, with two
+    regional prompts (an area and a mask set to its bounds) as without them."""
+    base, region, neg = prompts
+    pos = regional("mask_bounds", regional("area", base, region, box=(200, 40, 160, 120)), fx.tiny_conditioning("sea"),
+                   box=(24, 128, 176, 112))
+    m = tiled(pack, local, tile_width=256, tile_height=192, tile_overlap=64)
+    for p in (base, pos):
+        ref = fx.run_ksampler(local, p, neg, source, steps=3, denoise=0.8)
+        out = fx.run_ksampler(m, p, neg, source, steps=3, denoise=0.8)
+        assert float((out - ref).abs().mean() / ref.std()) <= 1e-3
+
+
+def test_a_regional_prompt_costs_model_work_only_on_the_tiles_it_touches(pack, prompts, source):
+    """The area prompt's context is evaluated on exactly the windows that intersect its area (clipped to
+    it), never on the others, and no model call is canvas-sized."""
+    base, region, neg = prompts
+    model = fx.local_model(0)
+    calls = []
+
+    def record(apply_model, args):
+        calls.append((tuple(args["input"].shape[-2:]), list(args["cond_or_uncond"]), args["c"]["c_crossattn"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(record)
+    box = (16, 8, 64, 48)                                  # px: inside the top-left tile's window only
+    m = tiled(pack, model, tile_width=192, tile_height=128, tile_overlap=32, variable_denoise="off")
+    fx.run_ksampler(m, regional("area", base, region, box=box), neg, source, steps=2, denoise=0.8)
+    ctx = region[0][0][0]
+    with_region = [(shape, n) for shape, cou, c in calls
+                   for n in [sum(torch.equal(r[:77], ctx[:77]) for r in c)] if n]
+    assert with_region and all(shape == (48 // 8, 64 // 8) for shape, _ in with_region)
+    assert sum(n for _, n in with_region) == 2        # one window touches it, 2 steps
+    assert max(s[0] * s[1] for s, _, _ in calls) < (H_PX // 8) * (W_PX // 8)
