@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .utils import RUN_KEY
+from .utils import RUN_KEY, cond_dicts
 
 KEY = "quadtree_diffusion_regions"      # key of the keyed CALC_COND_BATCH wrapper
 
@@ -50,10 +50,9 @@ class RegionRecorder:
         run = model_options.get("transformer_options", {}).get(RUN_KEY)
         if run is not None:
             H, W = int(x_in.shape[-2]), int(x_in.shape[-1])
-            for cond_list in conds:
-                for c in cond_list or ():
-                    if isinstance(c, dict) and "area" in c and c.get("uuid") not in run.areas:
-                        run.areas[c.get("uuid")] = area_box(c["area"], H, W)
+            for _, c in cond_dicts(conds):
+                if "area" in c and c.get("uuid") not in run.areas:
+                    run.areas[c.get("uuid")] = area_box(c["area"], H, W)
         return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quadtree as qt
-from .utils import RUN_KEY
+from .utils import RUN_KEY, cond_dicts
 
 log = logging.getLogger(__name__)
 
@@ -102,26 +102,28 @@ def encode(model, prompts: TilePrompts, x_in: torch.Tensor, prompt_type: str) ->
 class TilePromptConds:
     """The keyed ``CALC_COND_BATCH`` wrapper that encodes tile prompts once per run."""
 
+    def __init__(self):
+        self._warned = False     # the one warning for calls outside a sampler run
+
     def __deepcopy__(self, memo):
-        return self      # no state: shared by model clones
+        return self      # shared by model clones: per-run state lives on the run
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
         """Encode the tile prompts of this call's conds (first call of a run) and pass everything on."""
         run = model_options.get("transformer_options", {}).get(RUN_KEY)
-        if run is not None:
-            for i, cond_list in enumerate(conds):
-                for c in cond_list or ():
-                    prompts = c.get(KEY) if isinstance(c, dict) else None
-                    if prompts is None or c.get("uuid") in run.prompts:
-                        continue
-                    run.prompts[c.get("uuid")] = encode(model, prompts, x_in, "positive" if i == 0 else "negative")
-                    if run.once("tile_prompts"):
-                        log.info("%s a prompt per tile: %d tile prompts over a %dx%dpx layout", P,
-                                 len(prompts.entries), prompts.layout.width, prompts.layout.height)
-        elif any(isinstance(c, dict) and KEY in c for cl in conds for c in (cl or ())):
-            if not getattr(self, "_warned", False):
-                self._warned = True
-                log.warning("%s tile prompts need a KSampler run: every tile uses the base prompt", P)
+        for i, c in cond_dicts(conds):
+            prompts = c.get(KEY)
+            if prompts is None or (run is not None and c.get("uuid") in run.prompts):
+                continue
+            if run is None:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("%s tile prompts need a KSampler run: every tile uses the base prompt", P)
+                continue
+            run.prompts[c.get("uuid")] = encode(model, prompts, x_in, "positive" if i == 0 else "negative")
+            if run.once("tile_prompts"):
+                log.info("%s a prompt per tile: %d tile prompts over a %dx%dpx layout", P,
+                         len(prompts.entries), prompts.layout.width, prompts.layout.height)
         return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
 
 

@@ -47,3 +47,12 @@ def latent_patch_size(base_model) -> int:
     if isinstance(p, (tuple, list)) and p:
         p = p[-1]
     return int(p) if isinstance(p, int) and p > 0 else 1
+
+
+def cond_dicts(conds):
+    """(i, cond) for every cond dict of a ``CALC_COND_BATCH`` call: ``conds`` holds one list per
+    cond kind (i = 0 positive, 1 negative), each a list of ComfyUI's cond dicts (or None)."""
+    for i, cond_list in enumerate(conds):
+        for c in cond_list or ():
+            if isinstance(c, dict):
+                yield i, c
