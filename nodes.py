@@ -225,6 +225,11 @@ class SpotDiffusionParams_QuadtreeDiffusion(io.ComfyNode):
                                        "sequence, evenly spread shifts."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of the shifts (independent per axis)."),
+                io.Int.Input("context_margin", default=0, min=0, max=1024, step=8, optional=True,
+                             tooltip="Pixels of context around each tile: the model sees the tile plus this "
+                                     "margin and only the tile is kept, so seams fade further. 0 = off (the "
+                                     "tiles partition the image: fastest). Costs about ((tile + 2*margin) / "
+                                     "tile)^2 the model work: 1.27x for 16 px on 256-px tiles."),
             ],
             outputs=[
                 io.Model.Output(tooltip="A clone of the model carrying the SpotDiffusion parameters."),
@@ -236,14 +241,14 @@ class SpotDiffusionParams_QuadtreeDiffusion(io.ComfyNode):
         return _choice_error("shift_method", shift_method, SHIFT_METHODS) or True
 
     @classmethod
-    def execute(cls, model, shift_method, seed) -> io.NodeOutput:
+    def execute(cls, model, shift_method, seed, context_margin=0) -> io.NodeOutput:
         err = _choice_error("shift_method", shift_method, SHIFT_METHODS)
         if err:
             raise ValueError(err)
         m = model.clone()
         # a new transformer_options dict: never write into one the input model may share
         to = dict(m.model_options.get("transformer_options", {}))
-        to[SPOT_KEY] = {"shift_method": shift_method, "seed": int(seed)}
+        to[SPOT_KEY] = {"shift_method": shift_method, "seed": int(seed), "context_margin": int(context_margin or 0)}
         m.model_options["transformer_options"] = to
         return io.NodeOutput(m)
 

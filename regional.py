@@ -117,9 +117,10 @@ class AreaPlan:
             self.windows.append(Clipped(ey0, ey1, ex0, ex1, (cy0 - y, cy1 - y, cx0 - x, cx1 - x), win.level))
         self.evaluated = tuple(range(len(self.windows)))
 
-    def groups(self, evaluated) -> list[list[int]]:
-        """Evaluated window indices grouped by (clipped) size: batchable together."""
+    def groups(self, evaluated, windows=None) -> list[list[int]]:
+        """Evaluated window indices grouped by size: batchable together."""
+        windows = self.windows if windows is None else windows
         by_size: dict = {}
         for i in evaluated:
-            by_size.setdefault(self.windows[i].size, []).append(i)
+            by_size.setdefault(windows[i].size, []).append(i)
         return list(by_size.values())

@@ -29,8 +29,7 @@ union/InstantX: ``vae``/``latent_format`` set) VAE-encoded at the canvas size an
 run's own state (``RunState.hints``, gone when the run ends; per model call when the model is
 called outside a sampler run), never in the control, and each tile takes its window of it:
 pixel units for classic ControlNets (``compression_ratio`` 8), latent units for latent-input
-ones.  For SpotDiffusion the windows lie on the rolled canvas, so the crop wraps around the
-hint by the same shift.
+ones.  SpotDiffusion shifts its tiles, never the latent, so its windows are cropped alike.
 
 The tile copy does not rely on where a ComfyUI version caches prepared hints (``cond_hint``
 in 0.3.x, size-keyed ``cond_hints`` / ``control_inputs`` dicts in later ones): it gets private
@@ -67,34 +66,19 @@ P = "[Quadtree Diffusion]"
 
 # --------------------------------------------------------------------------- geometry
 
-def _span(a0: int, a1: int, shift: int, length: int):
-    """Indices (a0 - shift) mod length ... for a1 - a0 consecutive positions: a slice or an index."""
-    n = a1 - a0
-    start = (a0 - shift) % length
-    if start + n <= length:
-        return slice(start, start + n)
-    return torch.cat([torch.arange(start, length), torch.arange(0, start + n - length)])
-
-
-def crop_window(hint: torch.Tensor, win, H: int, W: int, shift=(0, 0)) -> torch.Tensor:
+def crop_window(hint: torch.Tensor, win, H: int, W: int) -> torch.Tensor:
     """The part of ``hint`` (canvas-sized at some scale in its last two dims) under ``win``.
 
-    ``win`` has ``y0, y1, x0, x1`` in latent units on the canvas ``H`` x ``W`` rolled by
-    ``shift`` = (dy, dx) (SpotDiffusion): position p of the rolled canvas is position p - shift
-    of the hint.  Edges are scaled by the hint's own ratio (8 for pixel hints, 1 for latent ones).
+    ``win`` has ``y0, y1, x0, x1`` in latent units on the canvas ``H`` x ``W``; edges are scaled
+    by the hint's own ratio r (8 for pixel hints, 1 for latent ones): rows round(r y0)..round(r y1).
     """
-    hh, hw = hint.shape[-2], hint.shape[-1]
-    rh, rw = hh / H, hw / W
+    rh, rw = hint.shape[-2] / H, hint.shape[-1] / W
     y0, y1 = int(round(win.y0 * rh)), int(round(win.y1 * rh))
     x0, x1 = int(round(win.x0 * rw)), int(round(win.x1 * rw))
-    dy, dx = int(round(shift[0] * rh)), int(round(shift[1] * rw))
-    ys, xs = _span(y0, y1, dy, hh), _span(x0, x1, dx, hw)
-    out = hint[..., ys, :] if isinstance(ys, slice) else hint.index_select(-2, ys.to(hint.device))
-    out = out[..., xs] if isinstance(xs, slice) else out.index_select(-1, xs.to(hint.device))
-    return out
+    return hint[..., y0:y1, x0:x1]
 
 
-def tile_hint_batch(hint: torch.Tensor, windows, H: int, W: int, per_tile: int, shift=(0, 0)) -> torch.Tensor:
+def tile_hint_batch(hint: torch.Tensor, windows, H: int, W: int, per_tile: int) -> torch.Tensor:
     """The hint for one tile batch, rows ``[tile][batch item]`` (one chunk of ``xt``).
 
     Each tile's crop is broadcast to the ``per_tile`` batch items the way ComfyUI's
@@ -103,7 +87,7 @@ def tile_hint_batch(hint: torch.Tensor, windows, H: int, W: int, per_tile: int, 
     (ComfyUI passes such a hint unbroadcast too).
     """
     from comfy.controlnet import broadcast_image_to
-    crops = [crop_window(hint, w, H, W, shift) for w in windows]
+    crops = [crop_window(hint, w, H, W) for w in windows]
     if len(crops) == 1 and hint.shape[0] == 1:
         return crops[0]
     rows = []
@@ -277,7 +261,7 @@ def tiled_copy(control, t, tb, per_tile: int, device, hints: dict, items=None):
     if items is not None and full.shape[0] > 1:
         # the hint images these batch items get in a full-batch call (broadcast_image_to cycles them)
         full = full[[b % full.shape[0] for b in items]]
-    crops = tile_hint_batch(full, tb.windows, tb.H, tb.W, per_tile, tb.shift)
+    crops = tile_hint_batch(full, tb.windows, tb.H, tb.W, per_tile)
     if _kind(control) == "controlnet":
         h, w = tb.windows[0].size
         give_prepared_hint(c, crops, h, w)

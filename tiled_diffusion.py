@@ -6,7 +6,8 @@ Registered on a model clone through ComfyUI's own extension points (nothing is p
   denoised x0) is split into tile windows, same-size windows are batched up to the tile
   batch size and evaluated at the sampler's shared timestep, and the predictions are
   blended back in x0 space (MultiDiffusion: mean; Mixture of Diffusers: per-axis Gaussian
-  weights; SpotDiffusion: non-overlapping tiles over a per-step shifted latent).
+  weights; SpotDiffusion: a partition of the canvas shifted every step, no wrap-around,
+  spot_diffusion.py).
 * a keyed ``SAMPLER_SAMPLE`` wrapper: captures the run's sigmas and source latent into a
   :class:`RunState` that lives in that run's ``transformer_options`` only, and counts the
   sampler's steps through its callback (no host round trip per call).
@@ -18,7 +19,6 @@ x0' = src + A (x - src) + beta (M - x).
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import dataclass, field
 
@@ -26,6 +26,7 @@ import torch
 
 from . import quadtree as qt
 from . import regional
+from . import spot_diffusion as sd
 from . import tile_conditioning as tcond
 from . import variable_denoise as vd
 from .tile_control import TileControl
@@ -73,14 +74,13 @@ class TileConfig:
 class TileBatch:
     """Where a batch of tiles lies: passed to deferred per-tile conditioning (ControlNet).
 
-    ``windows`` are in latent units on the canvas ``H`` x ``W`` *as the model sees it*: for
-    SpotDiffusion that canvas is the latent rolled by ``shift`` = (dy, dx).
+    ``windows`` are in latent units on the canvas ``H`` x ``W`` (never rolled: SpotDiffusion
+    shifts its partition, not the latent).
     """
     windows: tuple
     H: int
     W: int
     n_chunks: int
-    shift: tuple = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,7 @@ class Window:
 
 # --------------------------------------------------------------------------- geometry
 
-def expand(a0: int, a1: int, margin: int, length: int) -> tuple[int, int]:
-    """[a0 - m, a1 + m] shifted to lie inside [0, length) with its size kept (clamped to length)."""
-    size = min(a1 - a0 + 2 * margin, length)
-    start = min(max(a0 - margin, 0), length - size)
-    return start, start + size
+expand = sd.expand
 
 
 def gaussian_1d(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -121,24 +117,6 @@ def window_weight(method: str, h: int, w: int, device=None, dtype=torch.float32)
     if method == "Mixture of Diffusers":
         return gaussian_1d(h, device, dtype)[:, None] * gaussian_1d(w, device, dtype)[None, :]
     return torch.ones(h, w, device=device, dtype=dtype)
-
-
-def spot_offsets(n: int, period: int, method: str, seed: int, align: int = 1) -> list[int]:
-    """Per-step shifts in [0, period) along one axis, aligned to ``align``.
-
-    random: u_k ~ U[0, 1) (seeded); sorted: the same draws ascending (the seam sweeps once
-    across the tile); fibonacci: u_k = frac(u_0 + k / phi), the golden-ratio sequence.
-    offset_k = floor(u_k * period) rounded down to ``align``.
-    """
-    if period <= 1:
-        return [0] * n
-    g = torch.Generator().manual_seed(int(seed) & 0xFFFFFFFFFFFF)
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    if method == "sorted":
-        u = torch.sort(u).values
-    elif method == "fibonacci":
-        u = torch.remainder(u[0] + torch.arange(n, dtype=torch.float64) * (2 / (1 + math.sqrt(5))), 1.0)
-    return [int(v * period) // align * align for v in u.tolist()]
 
 
 def chunk_repeat(v: torch.Tensor, n_chunks: int, k: int) -> torch.Tensor:
@@ -249,7 +227,9 @@ class Plan:
     """Everything about a (config, canvas, device, dtype) that does not change between steps.
 
     Windows, their weights, the per-level weight maps of variable denoise and the
-    normalised weights of each set of evaluated tiles are built once and reused.
+    normalised weights of each set of evaluated tiles are built once and reused.  For
+    SpotDiffusion ``windows`` is the unshifted partition (it defines the tiles' denoise levels
+    and skip); each step evaluates ``partition``'s shifted windows (:meth:`spot_windows`).
     """
 
     def __init__(self, cfg: TileConfig, H: int, W: int, compression: int, align: int,
@@ -258,6 +238,7 @@ class Plan:
         self.compression, self.align = compression, align
         self.spot = cfg.method == "SpotDiffusion"
         self.notes: list[str] = []
+        self.partition: sd.SpotPartition | None = None
         self.windows = self._windows(layout)
         levels = sorted({(w.denoise, w.skipped) for w in self.windows})
         self.levels = levels
@@ -273,7 +254,9 @@ class Plan:
         self._active_cache: dict = {}
         self.level_maps = self._level_maps()
         self.level_ids = self._level_id_map() if self.spot else None
-        self.periods = self._spot_periods() if self.spot else (0, 0)
+        self.periods = self.partition.periods if self.spot else (0, 0)
+        self._spot_cache: dict = {}
+        self._sat_cache: dict = {}
 
     # ---- construction
     def _grid_tile_and_overlap(self, layout):
@@ -308,8 +291,18 @@ class Plan:
                     sk = bool(skip) and min(h, w) * c < skip
                     out.append(Window(y, y + h, x, x + w, (y, y + h, x, x + w), 1.0, sk))
             return out
-        if layout is None:   # SpotDiffusion on a grid: the non-overlapping partition
-            layout = qt.grid_layout(W, H, tw, th)
+        if self.spot:        # the unshifted partition; each step shifts it (spot_diffusion.py)
+            if layout is None:
+                self.partition = sd.SpotPartition(H, W, a, tile=(th, tw))
+            else:
+                self.partition = sd.SpotPartition(H, W, a, cores=[(t.y, t.y + t.h, t.x, t.x + t.w)
+                                                                  for t in layout.tiles])
+            cores = self.partition.cores(*self.partition.rest())
+            dn = [1.0] * len(cores) if layout is None else [float(t.denoise) for t in layout.tiles]
+            for (y0, y1, x0, x1), d in zip(cores, dn):
+                sk = bool(skip) and min(y1 - y0, x1 - x0) * c < skip
+                out.append(Window(y0, y1, x0, x1, (y0, y1, x0, x1), d, sk))
+            return out
         cores = layout.tiles
         margin = 0
         if overlap > 0:
@@ -346,12 +339,6 @@ class Plan:
             y0, y1, x0, x1 = w.core
             ids[y0:y1, x0:x1] = w.level
         return ids
-
-    def _spot_periods(self) -> tuple[int, int]:
-        """Shift range per axis: the largest core side, 0 where one core spans the whole axis."""
-        ph = max(w.core[1] - w.core[0] for w in self.windows)
-        pw = max(w.core[3] - w.core[2] for w in self.windows)
-        return (0 if ph >= self.H else ph, 0 if pw >= self.W else pw)
 
     # ---- per step, cached
     def normalized(self, evaluated: tuple) -> dict:
@@ -400,27 +387,54 @@ class Plan:
             hit = self._active_cache[key] = tuple(i for i, w in enumerate(self.windows) if w.level in key)
         return hit
 
-    def groups(self, evaluated) -> list[list[int]]:
+    def groups(self, evaluated, windows=None) -> list[list[int]]:
         """Evaluated window indices grouped by window size (batchable together)."""
+        windows = self.windows if windows is None else windows
         by_size: dict = {}
         for i in evaluated:
-            by_size.setdefault(self.windows[i].size, []).append(i)
+            by_size.setdefault(windows[i].size, []).append(i)
         return list(by_size.values())
 
-    def spot_evaluated(self, active_levels: set, dy: int, dx: int) -> tuple:
-        """Rolled cores that hold at least one pixel of an active level (host-side, once per step)."""
+    # ---- SpotDiffusion (host-side, cached per step setting)
+    def spot_windows(self, oy: int, ox: int, margin: int = 0) -> tuple:
+        """The partition shifted to offsets (oy, ox) as Windows: each core, evaluated grown by ``margin``."""
+        key = (oy, ox, margin)
+        hit = self._spot_cache.get(key)
+        if hit is None:
+            hit = tuple(Window(*win, core) for win, core in self.partition.windows(oy, ox, margin))
+            if len(self._spot_cache) < 256:
+                self._spot_cache[key] = hit
+        return hit
+
+    def _sat(self, levels: frozenset) -> torch.Tensor:
+        """Summed-area table of the pixels whose level is in ``levels`` (cached per level set)."""
+        hit = self._sat_cache.get(levels)
+        if hit is None:
+            mask = torch.zeros(self.H, self.W, dtype=torch.bool)
+            for lvl in levels:
+                mask |= self.level_ids == lvl
+            hit = self._sat_cache[levels] = sd.summed_area(mask)
+        return hit
+
+    def spot_evaluated(self, active_levels: set, windows: tuple) -> tuple[tuple, int]:
+        """(indices of the windows whose core holds a pixel of an active level, how many of the
+        others hold only skipped pixels)."""
         if len(active_levels) == len(self.levels):
-            return tuple(range(len(self.windows)))
-        mask = torch.zeros(self.H, self.W, dtype=torch.bool)
-        for lvl in active_levels:
-            mask |= self.level_ids == lvl
-        rolled = torch.roll(mask, shifts=(dy, dx), dims=(0, 1))
-        sat = torch.nn.functional.pad(rolled.to(torch.int32).cumsum(0).cumsum(1), (1, 0, 1, 0))
-        out = []
-        for i, w in enumerate(self.windows):
-            if sat[w.y1, w.x1] - sat[w.y0, w.x1] - sat[w.y1, w.x0] + sat[w.y0, w.x0] > 0:
-                out.append(i)
-        return tuple(out)
+            return tuple(range(len(windows))), 0
+        cores = [w.core for w in windows]
+        active = sd.counts_in(self._sat(frozenset(active_levels)), cores)
+        evaluated = tuple(i for i, n in enumerate(active) if n > 0)
+        if not self.n_skipped:
+            return evaluated, 0
+        unskipped = frozenset(lvl for lvl, (_, sk) in enumerate(self.levels) if not sk)
+        live = sd.counts_in(self._sat(unskipped), cores)
+        return evaluated, sum(1 for n in live if n == 0)
+
+    def max_window(self, margin: int = 0) -> tuple[int, int]:
+        """The largest window (height, width) any step evaluates."""
+        if self.spot:
+            return self.partition.max_window(margin)
+        return max(w.size[0] for w in self.windows), max(w.size[1] for w in self.windows)
 
     def describe(self) -> str:
         sizes: dict = {}
@@ -571,7 +585,9 @@ class TiledDiffusion:
             base = model.model
             c, a = latent_compression(base), latent_patch_size(base)
             H, W = int(noise_shape[-2]), int(noise_shape[-1])
-            h, w, n = self._largest_tile(H, W, c, a)
+            mo = kwargs.get("model_options") or model.model_options
+            margin = spot_margin(mo.get("transformer_options", {}), c, a)
+            h, w, n = self._largest_tile(H, W, c, a, margin)
             k = min(self.cfg.tile_batch_size or 1, n)
             noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
         except ValueError:
@@ -580,16 +596,17 @@ class TiledDiffusion:
             log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
         return executor(model, noise_shape, conds, *args, **kwargs)
 
-    def _largest_tile(self, H: int, W: int, compression: int, align: int) -> tuple[int, int, int]:
-        """(largest window height, width, most windows) over the layouts on an H x W latent; cached."""
-        key = (H, W, compression, align)
+    def _largest_tile(self, H: int, W: int, compression: int, align: int, margin: int = 0) -> tuple[int, int, int]:
+        """(largest window height, width, most windows) over the layouts on an H x W latent; cached.
+        SpotDiffusion: over every shift of its partition, each core grown by ``margin``."""
+        key = (H, W, compression, align, margin)
         hit = self._largest.get(key)
         if hit is None:
             plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i)
                      for i in range(len(self.cfg.layouts))]
-            hit = (max(w.size[0] for plan in plans for w in plan.windows),
-                   max(w.size[1] for plan in plans for w in plan.windows),
-                   max(len(plan.windows) for plan in plans))
+            sizes = [plan.max_window(margin) for plan in plans]
+            hit = (max(h for h, _ in sizes), max(w for _, w in sizes),
+                   max(plan.partition.max_tiles() if plan.spot else len(plan.windows) for plan in plans))
             if len(self._largest) >= 8:
                 self._largest.clear()
             self._largest[key] = hit
@@ -679,31 +696,24 @@ class TiledDiffusion:
             log.info("%s SMOOTH SCALING - tile_denoise=%.3f, progress=%.3f, start_scale=%.3f, scale=%.3f",
                      PV, d, p, vd.scale_start(d), vd.scale_alpha(d, p))
         active = {lvl for lvl, (a, _) in enumerate(coeffs) if a > 0}
-        dy = dx = 0
-        if plan.spot:
-            dy, dx = self._spot_shift(run, plan, step, n, to, item)
-            evaluated = plan.spot_evaluated(active, dy, dx)
+        if plan.spot:       # this step's shifted partition; each core written back as it is
+            oy, ox = self._spot_offsets(run, plan, step, n, to, item)
+            windows = plan.spot_windows(oy, ox, spot_margin(to, plan.compression, plan.align))
+            evaluated, skipped = plan.spot_evaluated(active, windows)
+            weights = None
         else:
-            evaluated = plan.windows_of(active)
+            windows = plan.windows
+            evaluated, skipped = plan.windows_of(active), plan.n_skipped
+            weights = plan.normalized(evaluated) if evaluated else None
         if run is not None:
             st = run.stats
-            st["full"] += len(plan.windows)
+            st["full"] += len(windows)
             st["tiles"] += len(evaluated)
-            st["skip_saved"] += plan.n_skipped
-            st["schedule_saved"] += len(plan.windows) - plan.n_skipped - len(evaluated)
+            st["skip_saved"] += skipped
+            st["schedule_saved"] += len(windows) - skipped - len(evaluated)
         if not evaluated:
             return _broadcast_source(src, x, n_chunks)
-        if plan.spot:
-            xr = torch.roll(x, shifts=(dy, dx), dims=(-2, -1)) if (dy or dx) else x
-            cr = _roll_cond(c, dy, dx, x.shape[0], H, W) if (dy or dx) else c
-            weights = {i: plan.weights[i].to(x.dtype) for i in evaluated}
-            blend = self._evaluate(model, xr, t, cr, cou, n_chunks, plan, evaluated, weights, run,
-                                   shift=(dy, dx))
-            if dy or dx:
-                blend = torch.roll(blend, shifts=(-dy, -dx), dims=(-2, -1))
-        else:
-            blend = self._evaluate(model, x, t, c, cou, n_chunks, plan, evaluated,
-                                   plan.normalized(evaluated), run)
+        blend = self._evaluate(model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights, run)
         if all(a == 1.0 and b == 1.0 for a, b in coeffs):
             return blend
         A, beta = plan.activity_maps(coeffs)
@@ -776,17 +786,20 @@ class TiledDiffusion:
         sig = [float(s) for s in sigmas.tolist()]
         return vd.nearest_step(sig, float(t.reshape(-1)[0])), vd.steps_of(sig)
 
-    def _spot_shift(self, run, plan: Plan, step: int, n: int, to, item: int = 0) -> tuple[int, int]:
-        """This step's SpotDiffusion shift (dy, dx), drawn once per run from the SpotDiffusion parameters."""
+    def _spot_offsets(self, run, plan: Plan, step: int, n: int, to, item: int = 0) -> tuple[int, int]:
+        """This step's SpotDiffusion offsets (oy, ox), drawn once per run from the SpotDiffusion parameters."""
         if run is not None and item in run.spot:
             ys, xs = run.spot[item]
             return ys[step], xs[step]
         params = to.get(SPOT_KEY) or {}
         method, seed = params.get("shift_method", "random"), int(params.get("seed", 0))
-        ys = spot_offsets(n, plan.periods[0], method, seed, plan.align)
-        xs = spot_offsets(n, plan.periods[1], method, seed + 1, plan.align)
+        schedule = params.get("schedule", sd.DEFAULT_SCHEDULE)
+        ys, xs = sd.step_offsets(n, plan.periods, method, seed, plan.align, schedule, plan.partition.rest())
         if run is not None:
             run.spot[item] = (ys, xs)
+            if run.once(f"spot{item}"):
+                log.info("%s SpotDiffusion offsets per step (%s, seed %d, %s): y %s, x %s", P, method, seed,
+                         schedule, _short(ys), _short(xs))
         return ys[step], xs[step]
 
     def _batch_size(self, run, model: ModelCall, x, n_chunks, size) -> int:
@@ -801,9 +814,11 @@ class TiledDiffusion:
             run.batch[key] = k      # per device and window size: a quadtree's sizes differ up to 64x in area
         return k
 
-    def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan: Plan, evaluated, weights, run,
-                  shift=(0, 0)):
-        """M = sum over evaluated windows of weight_t * x0_t, model calls batched by window size."""
+    def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan: Plan, windows, evaluated, weights, run):
+        """M = sum over evaluated windows of weight_t * x0_t, model calls batched by window size.
+
+        ``weights`` None (SpotDiffusion): the windows' cores partition the canvas; M = each
+        window's x0 on its core (the context margin around it is dropped)."""
         import comfy.model_management as mm
         N = x.shape[0]
         H, W = plan.H, plan.W
@@ -813,13 +828,13 @@ class TiledDiffusion:
         ov = out.reshape(n_chunks, B, *x.shape[1:])
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
-        for group in plan.groups(evaluated):
-            h, w = plan.windows[group[0]].size
+        for group in plan.groups(evaluated, windows):
+            h, w = windows[group[0]].size
             k = max(1, self._batch_size(run, model, x, n_chunks, (h, w)))
             for s in range(0, len(group), k):
                 mm.throw_exception_if_processing_interrupted()
                 idx = group[s:s + k]
-                wins = [plan.windows[i] for i in idx]
+                wins = [windows[i] for i in idx]
                 xt = torch.stack([xv[..., wi.y0:wi.y1, wi.x0:wi.x1] for wi in wins], dim=1)
                 xt = xt.reshape(-1, *xt.shape[3:])
                 tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
@@ -828,11 +843,15 @@ class TiledDiffusion:
                     ct = tcond.apply(ct, wins, H, W, n_chunks, B, prompts)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
-                    ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks, shift))
+                    ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks))
                 pred = model(xt, tt, ct, cou)
                 pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
                 for j, (i, wi) in enumerate(zip(idx, wins)):
-                    ov[..., wi.y0:wi.y1, wi.x0:wi.x1].addcmul_(pv[:, j], weights[i])
+                    if weights is None:
+                        y0, y1, x0, x1 = wi.core
+                        ov[..., y0:y1, x0:x1] = pv[:, j, ..., y0 - wi.y0:y1 - wi.y0, x0 - wi.x0:x1 - wi.x0]
+                    else:
+                        ov[..., wi.y0:wi.y1, wi.x0:wi.x1].addcmul_(pv[:, j], weights[i])
         return out
 
     def _area_call(self, model: ModelCall, x, t, c, cou, n_chunks, base, run):
@@ -871,16 +890,15 @@ class TiledDiffusion:
             src.shape[0] in (1, B) and src.shape[1:-2] == x.shape[1:-2] else None
         coeffs = self._coefficients(plan, run, step, n, src, x)
         evaluated = plan.windows_of({lvl for lvl, (a, _) in enumerate(coeffs) if a > 0})
-        weights = ({i: plan.weights[i].to(plan.dtype) for i in evaluated} if plan.spot
-                   else plan.normalized(evaluated))
-        area = regional.AreaPlan(plan, evaluated, weights, box)
+        # SpotDiffusion: the unshifted partition (normalised weights 1), whose tiles carry the levels
+        area = regional.AreaPlan(plan, evaluated, plan.normalized(evaluated), box)
         run.stats["tiles"] += len(area.windows)
         if run.once(f"area{box}"):
             log.info("%s prompt with an area (%d,%d %dx%d latent px): %d of the canvas's tile windows, clipped to it",
                      P, x0, y, w, h, len(area.windows))
         if not area.windows:
             return _broadcast_source(src, x, n_chunks)
-        blend = self._evaluate(model, x, t, c, cou, n_chunks, area, area.evaluated, area.weights, run)
+        blend = self._evaluate(model, x, t, c, cou, n_chunks, area, area.windows, area.evaluated, area.weights, run)
         if all(a == 1.0 and b == 1.0 for a, b in coeffs):
             return blend
         A, beta = plan.activity_maps(coeffs)
@@ -904,7 +922,7 @@ class TiledDiffusion:
             log.info("%s area-conditioned call on %dx%d latent px: %s, at full strength", P, W, H,
                      plan.describe())
         evaluated = tuple(range(len(plan.windows)))
-        return self._evaluate(model, x, t, c, cou, n_chunks, plan, evaluated,
+        return self._evaluate(model, x, t, c, cou, n_chunks, plan, plan.windows, evaluated,
                               plan.normalized(evaluated), run)
 
 
@@ -952,6 +970,16 @@ def plan_has_levels(cfg: TileConfig) -> bool:
     return cfg.layout is not None or cfg.skip_below > 0
 
 
+def spot_margin(to: dict, compression: int, align: int) -> int:
+    """SpotDiffusion's context margin in latent px: ceil(context_margin px / compression), rounded up
+    to the model's patch; 0 when the SpotDiffusion parameters set none."""
+    px = int(((to or {}).get(SPOT_KEY) or {}).get("context_margin", 0) or 0)
+    if px <= 0:
+        return 0
+    m = -(-px // compression)
+    return -(-m // align) * align
+
+
 def auto_batch_size(base, x, n_chunks: int, size) -> int:
     """Tiles per model call that fit the free memory of the model's device (tile_batch_size 0).
 
@@ -989,11 +1017,7 @@ def _broadcast_source(src, x, n_chunks):
     return sv.expand(n_chunks, B, *x.shape[1:]).reshape(x.shape).clone()
 
 
-def _roll_cond(c: dict, dy: int, dx: int, N: int, H: int, W: int) -> dict:
-    """Roll the canvas-aligned conditioning tensors (c_concat, masks, hints) with the latent."""
-    def one(v):
-        scale = spatial_scale(v.shape, H, W) if torch.is_tensor(v) and v.ndim >= 4 and v.shape[0] == N else None
-        if scale is None:
-            return v
-        return torch.roll(v, shifts=(int(round(dy * scale[0])), int(round(dx * scale[1]))), dims=(-2, -1))
-    return {k: (v if k in ("transformer_options",) + LIST_KEYS_WHOLE else map_tensors(v, one)) for k, v in c.items()}
+def _short(values, limit: int = 16) -> str:
+    """A list for a log line: its first ``limit`` entries, then how many more."""
+    head = ", ".join(str(v) for v in values[:limit])
+    return f"[{head}{f', ... {len(values) - limit} more' if len(values) > limit else ''}]"

@@ -38,7 +38,7 @@ WIDGETS = {
     "VAEDecodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
     "QuadtreeDiffusion": ["method", "enable_overlap", "tile_overlap", "tile_batch_size",
                           "skip_diffusion_below", "variable_denoise", "tile_width", "tile_height"],
-    "SpotDiffusionParams_QuadtreeDiffusion": ["shift_method", "seed"],
+    "SpotDiffusionParams_QuadtreeDiffusion": ["shift_method", "seed", "context_margin"],
     "KSampler": ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "EmptyLatentImage": ["width", "height", "batch_size"],
     "SaveImage": ["filename_prefix"],
@@ -311,7 +311,8 @@ def spotdiffusion_txt2img() -> Graph:
     qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="SpotDiffusion", enable_overlap=False,
                 tile_overlap=0, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="off",
                 tile_width=1024, tile_height=1024)
-    sp = g.node("SpotDiffusionParams_QuadtreeDiffusion", (880, 360), (340, 110), shift_method="random", seed=0)
+    sp = g.node("SpotDiffusionParams_QuadtreeDiffusion", (880, 360), (340, 134), shift_method="random", seed=0,
+                context_margin=0)
     ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=25, cfg=7.0, sampler_name="euler",
                 scheduler="normal", denoise=1.0)
     dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
@@ -398,7 +399,7 @@ def write_all(out_dir: str = OUT) -> list[str]:
 # Drawn here from the generated sample photo (scripts/make_sample_photo.py) and the pack's own
 # quadtree code, so they carry no third-party material.
 
-def _pack_quadtree():
+def _pack_module(module: str):
     import importlib
     import sys
     import types
@@ -407,7 +408,11 @@ def _pack_quadtree():
         pkg = types.ModuleType(name)
         pkg.__path__ = [REPO]
         sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.quadtree")
+    return importlib.import_module(f"{name}.{module}")
+
+
+def _pack_quadtree():
+    return _pack_module("quadtree")
 
 
 def _photo(size=512):
@@ -455,10 +460,11 @@ def _grid_thumb(width, height, tile, overlap, shifted=False):
         for k, x in enumerate(xs0):
             inset = 3 + 8 * (k % 2)
             d.rectangle([x + inset, inset, x + t - 1 - inset, H - 1 - inset], outline=(255, 255, 255, 230), width=3)
-    else:
-        for shift, col in ((0, (255, 255, 255, 230)), (t // 3, (255, 120, 60, 200))):
-            for x in range(-t + shift, W, t):
-                d.rectangle([x, 3, x + t - 1, H - 4], outline=col, width=3)
+    else:  # two steps' partitions (spot_diffusion.grid_cuts): the seams move, the canvas edges stay
+        sd = _pack_module("spot_diffusion")
+        for shift, inset, col in ((0, 3, (255, 255, 255, 230)), (t // 3, 11, (255, 120, 60, 200))):
+            for x0, x1 in sd.segments(sd.grid_cuts(W, t, shift), W):
+                d.rectangle([x0 + inset, inset, x1 - 1 - inset, H - 1 - inset], outline=col, width=3)
     return img
 
 

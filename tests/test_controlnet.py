@@ -5,7 +5,7 @@ wrapped in ``comfy.controlnet.ControlNet`` through a recording module, so every 
 ``x`` and ``hint`` are seen.  The hint is a gradient image whose pixels are all distinct, so a
 recorded hint tile identifies the window it was cut from.
 """
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 import torch
@@ -20,7 +20,8 @@ STEPS = 2
 # --------------------------------------------------------------------------- fixtures
 
 class Recorder(torch.nn.Module):
-    """Wraps a control model; records (x shape, hint) of every call, then runs the real model."""
+    """Wraps a control model; records (x shape, hint) of every call, then runs the real model.
+    ``timesteps`` holds each ControlNet call's first timestep (which sampler step it belongs to)."""
 
     def __init__(self, inner):
         super().__init__()
@@ -28,10 +29,12 @@ class Recorder(torch.nn.Module):
         self.dtype = getattr(inner, "dtype", torch.float32)
         self.unshuffle_amount = getattr(inner, "unshuffle_amount", None)
         self.calls = []
+        self.timesteps = []
 
     def forward(self, *args, **kw):
         if "hint" in kw:                      # ControlNet: x=, hint=, timesteps=, context=
             self.calls.append((tuple(kw["x"].shape), kw["hint"].detach().clone()))
+            self.timesteps.append(float(kw["timesteps"].reshape(-1)[0]))
             return self.inner(**kw)
         (hint,) = args                        # T2I adapter: the hint only
         self.calls.append((None, hint.detach().clone()))
@@ -234,34 +237,42 @@ def test_hint_other_resolution_resized_once_then_cropped(pack, fx, sd15, cnet):
     assert seen == Counter({(w.y0, w.y1, w.x0, w.x1): 2 for w in plan.windows})
 
 
-def test_spot_diffusion_crops_follow_the_shift(pack, fx, sd15, cnet):
-    """SpotDiffusion rolls the canvas: each hint tile is the window of the hint rolled alike."""
+def test_spot_diffusion_crops_are_the_shifted_partition(pack, fx, sd15, cnet):
+    """SpotDiffusion shifts its tiles, never the latent: each hint tile is the hint under its window
+    (nothing wraps around the canvas edge), the windows of every step partition the canvas, and
+    the partition moves from step to step."""
     control, rec = cnet
     img = gradient(1)
     pos, neg = conds(fx)
     pos, neg = with_control((pos, neg), control, img)
     m = tiled(pack, fx, sd15, method="SpotDiffusion", tile_width=48, tile_height=32)
     rec.calls.clear()
-    out = fx.run_ksampler(m, pos, neg, latent(), steps=3, cfg=5.0)
+    rec.timesteps.clear()
+    out = fx.run_ksampler(m, pos, neg, latent(), steps=4, cfg=5.0)
     assert torch.isfinite(out).all()
     hint = img.movedim(-1, 1)[0]
-    wrapped = 0
-    for _, h in rec.calls:
+    per_step = defaultdict(set)
+    for (_, h), t in zip(rec.calls, rec.timesteps):
         for row in h.reshape(-1, *h.shape[-3:]):
             y = int(round(float(row[0, 0, 0]) * 1000))     # channel 0 encodes the source row
             x = int(round(float(row[1, 0, 0]) * 1000))     # channel 1 the source column
-            assert y % 8 == 0 and x % 8 == 0
-            ys = torch.arange(y, y + row.shape[-2]) % H_PX
-            xs = torch.arange(x, x + row.shape[-1]) % W_PX
-            assert torch.equal(row, hint[:, ys][:, :, xs])
-            wrapped += int(y + row.shape[-2] > H_PX or x + row.shape[-1] > W_PX)
-    assert wrapped > 0, "no step shifted a tile across the canvas edge"
+            hh, ww = row.shape[-2:]
+            assert y % 8 == 0 and x % 8 == 0 and y + hh <= H_PX and x + ww <= W_PX
+            assert torch.equal(row, hint[:, y:y + hh, x:x + ww])
+            per_step[t].add((y, x, hh, ww))
+    assert len(per_step) == 4
+    for rects in per_step.values():
+        cover = torch.zeros(H_PX, W_PX, dtype=torch.int32)
+        for y, x, hh, ww in rects:
+            cover[y:y + hh, x:x + ww] += 1
+        assert bool((cover == 1).all()), sorted(rects)
+    assert len({frozenset(r) for r in per_step.values()}) > 1, "the partition never moved"
 
 
 # --------------------------------------------------------------------------- exactness
 
 def test_tile_control_equals_get_control_on_each_crop(pack, fx, sd15, cnet, cnet2):
-    """tile_control on a batch of 3 tiles (SpotDiffusion shift, 2 cond chunks, batch 2, a chain
+    """tile_control on a batch of 3 tiles (2 cond chunks, batch 2, a chain
     of two ControlNets) == ComfyUI's get_control per tile with that tile's crop as the hint."""
     tc, td = pack.tile_control, pack.tiled_diffusion
     (c1, _), (c2, _) = cnet, cnet2
@@ -282,19 +293,17 @@ def test_tile_control_equals_get_control_on_each_crop(pack, fx, sd15, cnet, cnet
     marker = tc.ControlProxy(ctl).get_control(torch.zeros(n * B, 4, H, W), None, {}, n, to)
     wins = [td.Window(0, 6, 0, 6, (0, 6, 0, 6)), td.Window(2, 8, 6, 12, (2, 8, 6, 12)),
             td.Window(2, 8, 3, 9, (2, 8, 3, 9))]
-    shift = (5, 7)
     k = len(wins)
     g = torch.Generator().manual_seed(0)
     xt = torch.randn(n * k * B, 4, 6, 6, generator=g)
     tt = torch.full((n * k * B,), 3.0)
     ctx = torch.randn(n * k * B, 77, 64, generator=g)
     out = marker.tile_control(xt, tt, {"c_crossattn": ctx, "transformer_options": to},
-                              td.TileBatch(tuple(wins), H, W, n, shift))
-    rolled, rolled2 = (torch.roll(i, shifts=(shift[0] * 8, shift[1] * 8), dims=(-2, -1)) for i in (img, img2))
+                              td.TileBatch(tuple(wins), H, W, n))
     for j, w in enumerate(wins):
         rows = torch.tensor([ch * k * B + j * B + b for ch in range(n) for b in range(B)])
         crop = lambda im: im[..., w.y0 * 8:w.y1 * 8, w.x0 * 8:w.x1 * 8]   # noqa: E731
-        ref = chain(crop(rolled), crop(rolled2)).get_control(xt[rows], tt[rows], {"c_crossattn": ctx[rows]}, n, to)
+        ref = chain(crop(img), crop(img2)).get_control(xt[rows], tt[rows], {"c_crossattn": ctx[rows]}, n, to)
         for key in ("input", "middle", "output"):
             assert len(out[key]) == len(ref[key])
             for a, r in zip(out[key], ref[key]):

@@ -275,3 +275,40 @@ def test_flux_tiles_never_padded(pack, fx):
     for call in log.calls:
         h, w = call["x"].shape[-2:]
         assert (h % 2 == 0 or h == 11) and w % 2 == 0, (h, w)
+
+
+@pytest.mark.parametrize("name", ["wan", "flux_fill"])
+def test_spot_diffusion_tiles_are_the_shifted_partition(pack, fx, name):
+    """SpotDiffusion on 2x2-patch models, 5-D (Wan) and with a c_concat (FLUX Fill), batch 2: every
+    tile the model gets is a window of the step's shifted partition, found in the canvas latent
+    itself (never rolled), on the patch grid, with T untouched and c_concat cropped alike; the
+    windows are exactly the partition (each once)."""
+    sd = pack.spot_diffusion
+    model, pos, neg, lat = family(fx, name, 2)
+    m, log = logged(model)
+    fx.run_ksampler(m, pos, neg, lat, steps=1, cfg=3.0)
+    (full,) = log.calls
+    log.calls.clear()
+    mt = tiled(pack, fx, m, "grid", method="SpotDiffusion", tile_width=48, tile_height=40)
+    fx.run_ksampler(mt, pos, neg, lat, steps=1, cfg=3.0)
+    plan = _plan(pack, mt)
+    ys, xs = sd.step_offsets(1, plan.periods, "random", 0, plan.align, sd.DEFAULT_SCHEDULE, plan.partition.rest())
+    windows = plan.spot_windows(ys[0], xs[0])
+    assert plan.periods == (4, 6) and len(windows) > 1
+    N = full["x"].shape[0]
+    canvas = full["x"].reshape(2, 2, *full["x"].shape[1:])
+    seen = []
+    for call in log.calls:
+        k = call["x"].shape[0] // N
+        x = call["x"].reshape(2, k, 2, *call["x"].shape[1:])
+        assert x.shape[3:-2] == lat.shape[1:-2]                      # channels (and T) untouched
+        for j in range(k):
+            (w,) = [w for w in windows
+                    if w.size == x.shape[-2:] and torch.equal(x[:, j], canvas[..., w.y0:w.y1, w.x0:w.x1])]
+            assert w.y0 % 2 == 0 and w.x0 % 2 == 0 and w.size[0] % 2 == 0 and w.size[1] % 2 == 0
+            seen.append(w)
+            if name == "flux_fill":
+                v, fv = call["c"]["c_concat"], full["c"]["c_concat"]
+                vv = v.reshape(2, k, 2, *v.shape[1:])[:, j]
+                assert torch.equal(vv, fv.reshape(2, 2, *fv.shape[1:])[..., w.y0:w.y1, w.x0:w.x1])
+    assert sorted(seen, key=lambda w: w.core) == sorted(windows, key=lambda w: w.core)

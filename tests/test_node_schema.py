@@ -59,7 +59,8 @@ EXPECTED = {
             ("shift_method", ["random", "sorted", "fibonacci"], {"default": "random"}),
             ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
         ],
-        "optional": [],
+        # appended (issue 15): optional and last, so workflows saved without it load unchanged
+        "optional": [("context_margin", "INT", {"default": 0, "min": 0, "max": 1024, "step": 8})],
         "output": ["MODEL"],
         "output_name": ["MODEL"],
     },

@@ -142,9 +142,19 @@ def test_plan_properties(td, qt, H, W, method, overlap, enable, tw, th, skip, al
         eth = max(max(1, min(H, th // C)), min(H, align))
         etw = max(max(1, min(W, tw // C)), min(W, align))
         eth, etw = td.snap_tile(eth, H, align), td.snap_tile(etw, W, align)   # on the model's patch grid
-        if method == "SpotDiffusion":          # the non-overlapping grid partition
+        if method == "SpotDiffusion":          # the non-overlapping grid partition, the last cell >= half a tile
             assert {(w.core[1] - w.core[0]) for w in plan.windows if w.core[1] < H} <= {eth}
             assert {(w.core[3] - w.core[2]) for w in plan.windows if w.core[3] < W} <= {etw}
+            assert all(2 * (w.core[1] - w.core[0]) >= min(eth, H) and 2 * (w.core[3] - w.core[2]) >= min(etw, W)
+                       for w in plan.windows)
+            for oy in range(0, eth, align):      # every step's shifted partition: on the patch grid, a partition
+                for ox in range(0, etw, align):
+                    cover = torch.zeros(H, W, dtype=torch.int32)
+                    for w in plan.spot_windows(oy, ox):
+                        assert (w.y0, w.y1, w.x0, w.x1) == w.core
+                        assert w.y0 % align == 0 and w.x0 % align == 0
+                        cover[w.y0:w.y1, w.x0:w.x1] += 1
+                    assert bool((cover == 1).all())
         else:                                  # equal windows, the last row/column flush with the edge
             assert {w.size for w in plan.windows} == {(eth, etw)}
             assert max(w.y1 for w in plan.windows) == H and max(w.x1 for w in plan.windows) == W
@@ -219,9 +229,8 @@ def test_non_multiple_canvas(td, qt):
 def test_one_pixel_leftover_strip(td, qt, method):
     cfg, plan = grid_plan(td, 9, 17, tile=64, overlap=0, method=method)   # 8-px tiles on 17 x 9
     check_plan(td, qt, plan, cfg, 9, 17, 1, torch.float32)
-    if method == "SpotDiffusion":
-        assert any(w.core[3] - w.core[2] == 1 for w in plan.windows)    # the 1-px column is a core
-        assert any(w.core[1] - w.core[0] == 1 for w in plan.windows)
+    if method == "SpotDiffusion":     # the 1-px strips join their neighbours (no sliver below half a tile)
+        assert sorted({w.core for w in plan.windows}) == [(0, 9, 0, 8), (0, 9, 8, 17)]
     else:
         assert {w.size for w in plan.windows} == {(8, 8)}
         assert max(w.x1 for w in plan.windows) == 17

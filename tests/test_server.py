@@ -25,6 +25,7 @@ EXPECTED_ORDER = {
     },
     "SpotDiffusionParams_QuadtreeDiffusion": {
         "required": ["model", "shift_method", "seed"],
+        "optional": ["context_margin"],
     },
 }
 PROMPT_TIMEOUT = 240

@@ -206,8 +206,10 @@ def test_runs_do_not_share_state(pack, fx, local, photo, source):
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
 
-def test_image_batch_gives_one_layout_per_item(pack, fx, local):
-    """Two different images in one IMAGE batch: each latent item is tiled by its own layout."""
+@pytest.mark.parametrize("method", ["Mixture of Diffusers", "SpotDiffusion"])
+def test_image_batch_gives_one_layout_per_item(pack, fx, local, method):
+    """Two different images in one IMAGE batch: each latent item is tiled by its own layout
+    (SpotDiffusion: each item's own layout, shifted)."""
     a = fx.synthetic_photo(256, 256, seed=1)
     b = torch.flip(a, dims=[1])                       # sky at the bottom, detail on top
     _, layouts = fx.call_node(pack.nodes.QuadtreeVisualizer, image=torch.cat([a, b]), content_threshold=25.0,
@@ -217,13 +219,13 @@ def test_image_batch_gives_one_layout_per_item(pack, fx, local):
     vae = fx.FixtureVAE()
     src = torch.cat([vae.encode(a), vae.encode(b)])
     pos, neg = conds(fx)
-    both = fx.run_ksampler(tiled(pack, fx, local, quadtree=layouts, tile_overlap=0), pos, neg, src, steps=4,
-                           denoise=0.8)
+    both = fx.run_ksampler(tiled(pack, fx, local, quadtree=layouts, tile_overlap=0, method=method), pos, neg, src,
+                           steps=4, denoise=0.8)
     for i, lay in enumerate(layouts):
         for y0, y1, x0, x1 in core_interiors(lay, lambda t: t.denoise == 0.0, 0):
             assert torch.allclose(both[i, :, y0:y1, x0:x1], src[i, :, y0:y1, x0:x1], atol=1e-4)
-    one = fx.run_ksampler(tiled(pack, fx, local, quadtree=layouts[:1] and layouts[0], tile_overlap=0), pos, neg,
-                          src, steps=4, denoise=0.8)
+    one = fx.run_ksampler(tiled(pack, fx, local, quadtree=layouts[:1] and layouts[0], tile_overlap=0, method=method),
+                          pos, neg, src, steps=4, denoise=0.8)
     assert not torch.allclose(one[1], both[1])
     with pytest.raises(ValueError, match="quadtree: 2 layouts"):
         fx.run_ksampler(tiled(pack, fx, local, quadtree=layouts), pos, neg, src[:1], steps=1, denoise=0.5)
