@@ -13,7 +13,7 @@ Nothing here patches or replaces a function or method of ComfyUI or torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -134,7 +134,7 @@ def norm_coefficients(mean, var, eps, weight, bias, channels, device):
 def apply_norm(x: torch.Tensor, coeffs, act: bool) -> torch.Tensor:
     """GroupNorm with given coefficients (x a + b in float32), returned in x's dtype; then SiLU."""
     a, b = coeffs
-    y = torch.addcmul(b, x.float(), a).to(x.dtype)
+    y = torch.addcmul(b, x, a).to(x.dtype)          # computed in float32 (type promotion), no copy of x
     return F.silu(y, inplace=True) if act else y
 
 
@@ -163,7 +163,6 @@ class Stage:
     cost: int = 1
     attn: torch.nn.Module | None = None
     level: int = 0            # resolution level: output pixels are 2^level image pixels (decoder/encoder)
-    meta: dict = field(default_factory=dict)
 
     def input_range(self, lo: int, hi: int, size: int) -> tuple[int, int]:
         rng = RESAMPLE.get(self.kind, RESAMPLE["same"])[0]

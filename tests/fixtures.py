@@ -540,6 +540,10 @@ TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_c
                      "dropout": 0.0}
 
 
+# What comfy.sd.VAE builds for an SD1.x/SD2/SDXL VAE (4 levels, 128..512 channels, 2 blocks a level).
+SD_VAE_DDCONFIG = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+
+
 @torch.no_grad()
 def seeded_state_dict(module: torch.nn.Module, seed: int) -> dict:
     """A seeded state dict for ``module`` (ComfyUI's ops skip weight init): convs/linears
@@ -568,18 +572,19 @@ def seeded_state_dict(module: torch.nn.Module, seed: int) -> dict:
 
 
 def tiny_vae(seed: int = 0, z_channels: int = 4, batch_norm_latent: bool = False, dtype=None,
-             quant_conv: bool = True):
+             quant_conv: bool = True, ddconfig: dict | None = None):
     """A real ``comfy.sd.VAE`` around ComfyUI's ``AutoencoderKL`` with :data:`TINY_VAE_DDCONFIG`,
     seeded weights, ``z_channels`` latent channels (16: SD3/FLUX-style), optionally the Flux2-style
     batch-norm latent (2x2-packed, 16x, 4 z_channels latent channels), optionally without quant
-    convs (FLUX's ``AutoencodingEngine``). Built through ``comfy.sd.VAE(sd=..., config=...)``, the
+    convs (FLUX's ``AutoencodingEngine``); ``ddconfig`` overrides the network (e.g. SD's full size,
+    ``SD_VAE_DDCONFIG``, for benchmarks). Built through ``comfy.sd.VAE(sd=..., config=...)``, the
     config path every supported ComfyUI has; the attributes sd.py sets when it detects such a VAE
     from its weights are set the same way."""
     import comfy.model_management as mm
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
 
-    dd = dict(TINY_VAE_DDCONFIG, z_channels=z_channels)
+    dd = dict(TINY_VAE_DDCONFIG, **(ddconfig or {}), z_channels=z_channels)
     if batch_norm_latent:
         dd["batch_norm_latent"] = True
     params = {"ddconfig": dd, "embed_dim": z_channels}
