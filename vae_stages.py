@@ -69,7 +69,7 @@ class Moments:
     def add(self, n: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan's parallel update for the union of two disjoint sets:
         n = na + nb, d = mean_b - mean_a, mean = mean_a + d nb / n, M2 = M2a + M2b + d^2 na nb / n."""
-        mean, m2 = mean.double().cpu(), m2.double().cpu()
+        mean, m2 = mean.cpu().double(), m2.cpu().double()          # .cpu() first: MPS has no float64
         if self.mean is None:
             self.n, self.mean, self.m2 = float(n), mean, m2
             return
@@ -124,10 +124,10 @@ def norm_coefficients(mean, var, eps, weight, bias, channels, device):
     returned float32 on ``device``, [B, C, 1, 1] each)."""
     groups = mean.shape[-1]
     rep = channels // groups
-    inv = torch.rsqrt(var.double().cpu() + eps).repeat_interleave(rep, dim=-1)
-    mu = mean.double().cpu().repeat_interleave(rep, dim=-1)
-    a = inv if weight is None else inv * weight.double().cpu().reshape(1, -1)
-    b = -mu * a if bias is None else bias.double().cpu().reshape(1, -1) - mu * a
+    inv = torch.rsqrt(var.cpu().double() + eps).repeat_interleave(rep, dim=-1)
+    mu = mean.cpu().double().repeat_interleave(rep, dim=-1)
+    a = inv if weight is None else inv * weight.cpu().double().reshape(1, -1)
+    b = -mu * a if bias is None else bias.cpu().double().reshape(1, -1) - mu * a
     return a.float().to(device)[..., None, None], b.float().to(device)[..., None, None]
 
 

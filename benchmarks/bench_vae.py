@@ -77,8 +77,7 @@ class Bench:
         self.fx, self.pack, self.comfy_path = benchlib.setup(args.device, threads=args.threads
                                                              if args.device == "cpu" else None)
         import comfy.model_management as mm
-        import nodes as comfy_nodes
-        self.torch, self.mm, self.nodes, self.tv = torch, mm, comfy_nodes, self.pack.tiled_vae
+        self.torch, self.mm, self.tv = torch, mm, self.pack.tiled_vae
         self.device = mm.get_torch_device()
         self.timer = benchlib.clock_for(self.device)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -183,29 +182,46 @@ class Bench:
                   + ", ".join(f"{k} {v / 2 ** 20:.0f}" for k, v in d.items()))
         return out
 
+    # What ComfyUI's VAEEncode / VAEDecode / VAEEncodeTiled / VAEDecodeTiled nodes call (the VAE's
+    # methods directly: ComfyUI's ``nodes`` module needs PyAV, which a GPU image may lack).
+    @staticmethod
+    def untiled_encode(vae, photo):
+        return vae.encode(photo[..., :3])
+
+    @staticmethod
+    def untiled_decode(vae, z):
+        return vae.decode(z)
+
+    @staticmethod
+    def comfy_tiled_encode(vae, photo, tile, overlap):
+        return vae.encode_tiled(photo[..., :3], tile_x=tile, tile_y=tile, overlap=overlap)
+
+    @staticmethod
+    def comfy_tiled_decode(vae, z, tile, overlap):
+        c = vae.spacial_compression_decode()
+        return vae.decode_tiled(z, tile_x=tile // c, tile_y=tile // c, overlap=overlap // c)
+
     def main(self):
         self.sd_host_plan()
-        tv, nodes, tile = self.tv, self.nodes, self.tile
+        tv, tile = self.tv, self.tile
         vae = self.vae
         overlap = min(64, tile // 4)
         for size in self.sizes:
             photo = self.fx.synthetic_photo(size, size, seed=1)
-            lat64 = self.ref64(lambda v: nodes.VAEEncode().encode(v, photo)[0]["samples"])
-            lat_ref, rec = self.run_one("encode", size, "untiled", lambda: nodes.VAEEncode().encode(vae, photo)[0]["samples"],
-                                        None, lat64)
+            lat64 = self.ref64(lambda v: self.untiled_encode(v, photo))
+            lat_ref, rec = self.run_one("encode", size, "untiled", lambda: self.untiled_encode(vae, photo), None, lat64)
             self.results["runs"].append(rec)
             lat = lat_ref if lat_ref is not None else tv.encode(vae, photo, tile)
             for method, fn in (("exact", lambda: tv.encode(vae, photo, tile)),
                                ("fast", lambda: tv.encode(vae, photo, tile, fast=True)),
-                               ("comfy_tiled", lambda: nodes.VAEEncodeTiled().encode(vae, photo, tile, overlap)[0]["samples"])):
+                               ("comfy_tiled", lambda: self.comfy_tiled_encode(vae, photo, tile, overlap))):
                 self.results["runs"].append(self.run_one("encode", size, method, fn, lat_ref, lat64)[1])
-            img64 = self.ref64(lambda v: nodes.VAEDecode().decode(v, {"samples": lat})[0])
-            img_ref, rec = self.run_one("decode", size, "untiled", lambda: nodes.VAEDecode().decode(vae, {"samples": lat})[0],
-                                        None, img64)
+            img64 = self.ref64(lambda v: self.untiled_decode(v, lat))
+            img_ref, rec = self.run_one("decode", size, "untiled", lambda: self.untiled_decode(vae, lat), None, img64)
             self.results["runs"].append(rec)
             for method, fn in (("exact", lambda: tv.decode(vae, {"samples": lat}, tile)),
                                ("fast", lambda: tv.decode(vae, {"samples": lat}, tile, fast=True)),
-                               ("comfy_tiled", lambda: nodes.VAEDecodeTiled().decode(vae, {"samples": lat}, tile, overlap)[0])):
+                               ("comfy_tiled", lambda: self.comfy_tiled_decode(vae, lat, tile, overlap))):
                 self.results["runs"].append(self.run_one("decode", size, method, fn, img_ref, img64)[1])
             hd, he = self.host_plan(size)
             self.results.setdefault("host_plan", {})[size] = {"decode": hd, "encode": he}
