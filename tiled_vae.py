@@ -153,11 +153,12 @@ def _estimate(runner: TileRunner, seg) -> None:
 
 
 def _tiled(vae, stages, items, tile_size: int, fast: bool, chain: tuple[int, int], latent_px: int, what: str,
-           variant=None):
+           variant=None, host_budget: float | None = None):
     """Runs ``stages`` on every batch item (``items``: a list of {input name: [1, C, H, W]}) one
     after another, exact or (``fast``) with stages[chain[0]:chain[1]] as one chain per tile, and
-    returns the final maps. Exact mode switches to fast (logged) when the host cannot hold the
-    whole feature maps; an image that fits one tile is always run exactly."""
+    returns the final maps. Exact mode switches to fast (logged) when its whole feature maps need
+    more than ``host_budget`` bytes (default: 90 % of the host's free memory); an image that fits
+    one tile is always run exactly."""
     import comfy.model_management as mm
     import comfy.utils
     dtype, store = vae.vae_dtype, mm.intermediate_device()
@@ -171,10 +172,11 @@ def _tiled(vae, stages, items, tile_size: int, fast: bool, chain: tuple[int, int
             one_tile = len(runner.grid(stages[chain[0]:chain[1]])) <= 1
             segs = _segments(stages, fast and not one_tile, *chain)
             if not fast and not one_tile and pbar is None:
-                need, free = runner.plan_host_peak(segs), mm.get_free_memory(store)
-                if need > 0.9 * free:
-                    log.warning("%s exact %s needs %.1f GB for whole feature maps but %s has %.1f GB free: "
-                                "running in fast mode", TAG, what, need / 2 ** 30, store, free / 2 ** 30)
+                need = runner.plan_host_peak(segs)
+                limit = 0.9 * mm.get_free_memory(store) if host_budget is None else host_budget
+                if need > limit:
+                    log.warning("%s exact %s needs %.2f GB for whole feature maps but %.2f GB are available on %s: "
+                                "running in fast mode", TAG, what, need / 2 ** 30, limit / 2 ** 30, store)
                     fast, mode = True, "fast (RAM)"
                     segs = _segments(stages, True, *chain)
             if pbar is None:
@@ -211,8 +213,10 @@ def _fallback_decode(vae, latent, tile_size, reason):
     return images
 
 
-def decode(vae, samples, tile_size: int, fast: bool = False, variant: Variant | None = None) -> torch.Tensor:
-    """IMAGE [B, H, W, C] of the latent ``samples``, tiled with ``tile_size``-px tiles."""
+def decode(vae, samples, tile_size: int, fast: bool = False, variant: Variant | None = None,
+           host_budget: float | None = None) -> torch.Tensor:
+    """IMAGE [B, H, W, C] of the latent ``samples``, tiled with ``tile_size``-px tiles (see
+    ``_tiled`` for ``host_budget``)."""
     import comfy.model_management as mm
     latent = _latent_tensor(samples)
     if hasattr(vae, "throw_exception_if_invalid"):
@@ -244,7 +248,7 @@ def decode(vae, samples, tile_size: int, fast: bool = False, variant: Variant | 
     stages = decoder_stages(fsm)
     start = next(i for i, s in enumerate(stages) if s.name.startswith("up."))
     outs = _tiled(vae, stages, items, int(tile_size), fast, (start, len(stages)),
-                  items[0]["z"].shape[2] * items[0]["z"].shape[3], "decode", variant)
+                  items[0]["z"].shape[2] * items[0]["z"].shape[3], "decode", variant, host_budget)
     return torch.cat([vae.process_output(o).to(vae.output_device, _output_dtype(vae)).movedim(1, -1)
                       for o in outs])
 
@@ -263,8 +267,9 @@ def _fallback_encode(vae, pixels, tile_size, reason):
 
 
 def encode(vae, pixels, tile_size: int, fast: bool = False, color_fix: bool = True,
-           variant: Variant | None = None) -> torch.Tensor:
-    """Latent [B, C, h, w] of the IMAGE ``pixels`` [B, H, W, C], tiled with ``tile_size``-px tiles."""
+           variant: Variant | None = None, host_budget: float | None = None) -> torch.Tensor:
+    """Latent [B, C, h, w] of the IMAGE ``pixels`` [B, H, W, C], tiled with ``tile_size``-px tiles
+    (see ``_tiled`` for ``host_budget``)."""
     import comfy.model_management as mm
     if not torch.is_tensor(pixels) or pixels.ndim != 4:
         shape = list(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
@@ -295,7 +300,7 @@ def encode(vae, pixels, tile_size: int, fast: bool = False, color_fix: bool = Tr
     bn = getattr(fsm, "bn", None)
     mid_px = px.shape[1] * px.shape[2] // (factor // (2 if bn is not None else 1)) ** 2
     outs = _tiled(vae, stages, [{"pixels": px[i:i + 1].movedim(-1, 1)} for i in range(px.shape[0])],
-                  int(tile_size), fast, (start, end), mid_px, "encode", variant)
+                  int(tile_size), fast, (start, end), mid_px, "encode", variant, host_budget)
     latents = []
     for moments in outs:
         z = fsm.regularization(moments)[0]

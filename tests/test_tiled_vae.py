@@ -290,6 +290,18 @@ def test_other_vaes_fall_back_to_comfyui_tiled_with_one_log_line(pack, tv, which
     assert max_err(lat["samples"], comfy_tiled_encode(vae, photo, 128)) == 0
 
 
+def test_exact_mode_falls_back_to_fast_when_the_host_memory_is_short(tv, vae, caplog):
+    z = fx.smooth_latent(4, 12, 16, seed=18)
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        out = tv.decode(vae, {"samples": z}, 48, host_budget=1e5)
+    lines = [r.getMessage() for r in caplog.records if "[Quadtree VAE]" in r.getMessage()]
+    assert len(lines) == 2 and "needs" in lines[0] and "running in fast mode" in lines[0], lines
+    assert lines[1].startswith("[Quadtree VAE] fast (RAM) decode"), lines
+    assert torch.equal(out, tv.decode(vae, {"samples": z}, 48, fast=True))
+    assert max_err(tv.decode(vae, {"samples": z}, 48, host_budget=1e9), untiled_decode(vae, z)) < 1e-4
+
+
 def test_exact_run_logs_one_line(tv, vae, caplog):
     with caplog.at_level(logging.INFO):
         caplog.clear()
