@@ -61,6 +61,7 @@ class TileRunner:
         self.device, self.dtype, self.store, self.budget = device, dtype, store, int(budget)
         self.out_dtype, self.fixed, self.variant, self.pbar = out_dtype, dict(fixed_stats or {}), variant, pbar
         self.shapes = {k: tuple(v.shape) for k, v in maps.items()}
+        self.dtypes = {k: v.dtype for k, v in maps.items()}
         self.level = {}
         for s in stages:
             b, _, h, w = self.shapes[s.inputs[0]]
@@ -70,13 +71,13 @@ class TileRunner:
         self.stats: dict[str, Moments] = {}
         self.coeffs: dict[str, tuple] = {}
         self.final = stages[-1].output
+        self.dtypes[self.final] = out_dtype
         self.tiles_run = 0
         self.host_bytes = self.host_peak = sum(self._bytes(k) for k in self.maps)
 
     # ---------------------------------------------------------------- planning
     def _bytes(self, name) -> int:
-        dt = self.out_dtype if name == self.final else self.dtype
-        return math.prod(self.shapes[name]) * torch.empty((), dtype=dt).element_size()
+        return math.prod(self.shapes[name]) * torch.empty((), dtype=self.dtypes.get(name, self.dtype)).element_size()
 
     def tile_area(self, seg) -> float:
         """Output pixels per tile of a segment: budget / max over its stages of
@@ -126,10 +127,9 @@ class TileRunner:
             self.pbar.update(1)
 
     def _new_map(self, name):
-        dt = self.out_dtype if name == self.final else self.dtype
         self.host_bytes += self._bytes(name)
         self.host_peak = max(self.host_peak, self.host_bytes)
-        return torch.empty(self.shapes[name], dtype=dt, device=self.store)
+        return torch.empty(self.shapes[name], dtype=self.dtypes.get(name, self.dtype), device=self.store)
 
     def _store(self, name, out, rect, tile):
         y0, y1, x0, x1 = rect
