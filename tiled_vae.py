@@ -110,6 +110,17 @@ def _load(vae, stages, tile_size: int, latent_px: int) -> int:
     return budget
 
 
+def _is_oom(e: BaseException) -> bool:
+    """ComfyUI's own out-of-memory test where it has one (``model_management.is_oom``), else the
+    CUDA out-of-memory error."""
+    import comfy.model_management as mm
+    test = getattr(mm, "is_oom", None)
+    if test is not None:
+        return bool(test(e))
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return oom is not None and isinstance(e, oom)
+
+
 def _segments(stages, fast: bool, start: int, end: int):
     """Exact: one segment per stage. Fast: stages[start:end] as one chain."""
     if not fast or end - start < 1:
@@ -158,7 +169,8 @@ def _tiled(vae, stages, items, tile_size: int, fast: bool, chain: tuple[int, int
     after another, exact or (``fast``) with stages[chain[0]:chain[1]] as one chain per tile, and
     returns the final maps. Exact mode switches to fast (logged) when its whole feature maps need
     more than ``host_budget`` bytes (default: 90 % of the host's free memory); an image that fits
-    one tile is always run exactly."""
+    one tile is always run exactly. Out of device memory, an image is retried with tiles of half
+    the side (twice, logged)."""
     import comfy.model_management as mm
     import comfy.utils
     dtype, store = vae.vae_dtype, mm.intermediate_device()
@@ -167,22 +179,32 @@ def _tiled(vae, stages, items, tile_size: int, fast: bool, chain: tuple[int, int
     with _device_context(vae.device), torch.no_grad():
         budget = _load(vae, stages, tile_size, latent_px)
         for item in items:
-            runner = TileRunner(stages, {k: v.to(store) for k, v in item.items()}, vae.device, dtype, store, budget,
-                                variant=variant)
-            one_tile = len(runner.grid(stages[chain[0]:chain[1]])) <= 1
-            segs = _segments(stages, fast and not one_tile, *chain)
-            if not fast and not one_tile and pbar is None:
-                need = runner.plan_host_peak(segs)
-                limit = 0.9 * mm.get_free_memory(store) if host_budget is None else host_budget
-                if need > limit:
-                    log.warning("%s exact %s needs %.2f GB for whole feature maps but %.2f GB are available on %s: "
-                                "running in fast mode", TAG, what, need / 2 ** 30, limit / 2 ** 30, store)
-                    fast, mode = True, "fast (RAM)"
-                    segs = _segments(stages, True, *chain)
-            if pbar is None:
-                pbar = comfy.utils.ProgressBar(len(items) * runner.count_tiles(segs))
-            runner.pbar = pbar
-            runner.run(segs, before_chain=lambda seg, r=runner: _estimate(r, seg))
+            for attempt in range(3):
+                runner = TileRunner(stages, {k: v.to(store) for k, v in item.items()}, vae.device, dtype, store,
+                                    budget, variant=variant)
+                one_tile = len(runner.grid(stages[chain[0]:chain[1]])) <= 1
+                segs = _segments(stages, fast and not one_tile, *chain)
+                if not fast and not one_tile and pbar is None:
+                    need = runner.plan_host_peak(segs)
+                    limit = 0.9 * mm.get_free_memory(store) if host_budget is None else host_budget
+                    if need > limit:
+                        log.warning("%s exact %s needs %.2f GB for whole feature maps but %.2f GB are available "
+                                    "on %s: running in fast mode", TAG, what, need / 2 ** 30, limit / 2 ** 30, store)
+                        fast, mode = True, "fast (RAM)"
+                        segs = _segments(stages, True, *chain)
+                if pbar is None:
+                    pbar = comfy.utils.ProgressBar(len(items) * runner.count_tiles(segs))
+                runner.pbar = pbar
+                try:
+                    runner.run(segs, before_chain=lambda seg, r=runner: _estimate(r, seg))
+                    break
+                except Exception as e:
+                    if attempt == 2 or not _is_oom(e):
+                        raise
+                del runner
+                mm.soft_empty_cache()
+                budget = max(1, budget // 4)
+                log.warning("%s out of device memory: %s again with tiles of half the side", TAG, what)
             outs.append(runner.maps[stages[-1].output])
             tiles, peak = tiles + runner.tiles_run, max(peak, runner.host_peak)
     log.info("%s %s %s of %d image(s): tile_size %d px, %d tile runs, host maps up to %.0f MB, %.2f s",

@@ -302,6 +302,31 @@ def test_exact_mode_falls_back_to_fast_when_the_host_memory_is_short(tv, vae, ca
     assert max_err(tv.decode(vae, {"samples": z}, 48, host_budget=1e9), untiled_decode(vae, z)) < 1e-4
 
 
+def test_out_of_memory_retries_with_smaller_tiles(tv, vae, caplog):
+    """An out-of-memory error in a tile (raised here from ComfyUI's progress-bar hook, its public
+    API) makes the image run again with tiles of half the side; the result is still exact."""
+    import comfy.utils
+    z = fx.smooth_latent(4, 12, 16, seed=19)
+    calls = []
+
+    def hook(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            out = tv.decode(vae, {"samples": z}, 64)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    lines = [r.getMessage() for r in caplog.records if "[Quadtree VAE]" in r.getMessage()]
+    assert lines[0] == "[Quadtree VAE] out of device memory: decode again with tiles of half the side", lines
+    assert max_err(out, untiled_decode(vae, z)) < 1e-4
+
+
 def test_exact_run_logs_one_line(tv, vae, caplog):
     with caplog.at_level(logging.INFO):
         caplog.clear()
