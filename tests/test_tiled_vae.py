@@ -5,6 +5,7 @@ classes, seeded weights; ``fx.tiny_vae``). The reference is ComfyUI's ``VAEDecod
 ``VAEEncode`` on the same VAE, run in-process.
 """
 import logging
+import math
 
 import pytest
 import torch
@@ -303,27 +304,28 @@ def test_exact_mode_falls_back_to_fast_when_the_host_memory_is_short(tv, vae, ca
 
 
 def test_out_of_memory_retries_with_smaller_tiles(tv, vae, caplog):
-    """An out-of-memory error in a tile (raised here from ComfyUI's progress-bar hook, its public
-    API) makes the image run again with tiles of half the side; the result is still exact."""
-    import comfy.utils
+    """An out-of-memory error in a tile (raised here by a torch forward pre-hook on one of the
+    VAE's convolutions, the second time it runs) makes the image run again with tiles of half the
+    side; the result is still exact."""
     z = fx.smooth_latent(4, 12, 16, seed=19)
     calls = []
 
-    def hook(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 3:
+    def hook(module, args):
+        calls.append(args[0].shape)
+        if len(calls) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
 
-    old = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
+    handle = vae.first_stage_model.decoder.up[0].block[0].conv1.register_forward_pre_hook(hook)
     try:
         with caplog.at_level(logging.INFO):
             caplog.clear()
             out = tv.decode(vae, {"samples": z}, 64)
     finally:
-        comfy.utils.set_progress_bar_global_hook(old)
+        handle.remove()
     lines = [r.getMessage() for r in caplog.records if "[Quadtree VAE]" in r.getMessage()]
     assert lines[0] == "[Quadtree VAE] out of device memory: decode again with tiles of half the side", lines
+    sizes = [math.prod(shape) for shape in calls]                  # the retry's tiles are smaller
+    assert max(sizes[2:]) < max(sizes[:2])
     assert max_err(out, untiled_decode(vae, z)) < 1e-4
 
 
