@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from . import quadtree as qt
 from . import tile_conditioning as tcond
 from . import tile_preview as tp
+from . import tiled_vae
 from .tiled_diffusion import TileConfig, tiled_model
 from .utils import METHODS, SHIFT_METHODS, SPOT_KEY
 from .variable_denoise import MODES
@@ -361,7 +362,86 @@ class QuadtreeGridLayout(io.ComfyNode):
         return io.NodeOutput(layout)
 
 
-NODES = (QuadtreeVisualizer, QuadtreeDiffusion, SpotDiffusionParams_QuadtreeDiffusion, QuadtreeTileCrops,
+def _vae_tile_error(tile_size):
+    lo, hi = tiled_vae.MIN_TILE, tiled_vae.MAX_TILE
+    if tile_size is not None and not lo <= tile_size <= hi:
+        return f"tile_size ({tile_size}) is outside {lo}..{hi} px: set tile_size between {lo} and {hi}"
+    return None
+
+
+def _vae_tile_input(kind: str):
+    return io.Int.Input("tile_size", default=tiled_vae.default_tile_size(kind), min=tiled_vae.MIN_TILE,
+                        max=tiled_vae.MAX_TILE, step=tiled_vae.TILE_STEP,
+                        tooltip=("Tile side in pixels (of the image). Larger tiles are faster and use more "
+                                 "memory; the result does not depend on it unless fast is on. The default "
+                                 "fits this machine's device memory."))
+
+
+class VAEEncodeTiled_QuadtreeDiffusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VAEEncodeTiled_QuadtreeDiffusion",
+            display_name="Quadtree VAE Encode",
+            category=CATEGORY,
+            description=("Encodes an image in tiles with device memory bounded by one tile. With fast off the "
+                         "latent equals VAE Encode's (GroupNorm statistics and attention over the whole image). "
+                         "VAEs other than the SD/SDXL/SD3/FLUX family use ComfyUI's tiled encode (logged)."),
+            inputs=[
+                io.Image.Input("pixels", tooltip="The image to encode."),
+                io.Vae.Input("vae", tooltip="The VAE to encode with."),
+                _vae_tile_input("encode"),
+                io.Boolean.Input("fast", default=False,
+                                 tooltip=("Off: exact (equals VAE Encode), whole feature maps kept in RAM. On: one "
+                                          "pass per tile with GroupNorm statistics estimated from a downscaled "
+                                          "pass (faster, less RAM, slightly different).")),
+                io.Boolean.Input("color_fix", default=True,
+                                 tooltip=("Fast mode only: keep the GroupNorms of the first resolution level "
+                                          "exact, so colours do not shift.")),
+            ],
+            outputs=[io.Latent.Output(tooltip="The encoded latent.")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, tile_size, fast, color_fix) -> io.NodeOutput:
+        err = _vae_tile_error(tile_size)
+        if err:
+            raise ValueError(err)
+        return io.NodeOutput({"samples": tiled_vae.encode(vae, pixels, int(tile_size), bool(fast), bool(color_fix))})
+
+
+class VAEDecodeTiled_QuadtreeDiffusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VAEDecodeTiled_QuadtreeDiffusion",
+            display_name="Quadtree VAE Decode",
+            category=CATEGORY,
+            description=("Decodes a latent in tiles with device memory bounded by one tile. With fast off the "
+                         "image equals VAE Decode's (GroupNorm statistics and attention over the whole image). "
+                         "VAEs other than the SD/SDXL/SD3/FLUX family use ComfyUI's tiled decode (logged)."),
+            inputs=[
+                io.Latent.Input("samples", tooltip="The latent to decode."),
+                io.Vae.Input("vae", tooltip="The VAE to decode with."),
+                _vae_tile_input("decode"),
+                io.Boolean.Input("fast", default=False,
+                                 tooltip=("Off: exact (equals VAE Decode), whole feature maps kept in RAM. On: one "
+                                          "pass per tile with GroupNorm statistics estimated from a downscaled "
+                                          "pass (faster, less RAM, slightly different).")),
+            ],
+            outputs=[io.Image.Output(tooltip="The decoded image.")],
+        )
+
+    @classmethod
+    def execute(cls, samples, vae, tile_size, fast) -> io.NodeOutput:
+        err = _vae_tile_error(tile_size)
+        if err:
+            raise ValueError(err)
+        return io.NodeOutput(tiled_vae.decode(vae, samples, int(tile_size), bool(fast)))
+
+
+NODES = (QuadtreeVisualizer, QuadtreeDiffusion, SpotDiffusionParams_QuadtreeDiffusion,
+         VAEEncodeTiled_QuadtreeDiffusion, VAEDecodeTiled_QuadtreeDiffusion, QuadtreeTileCrops,
          QuadtreeTileConditioning, QuadtreeGridLayout)
 
 

@@ -437,7 +437,7 @@ def main(argv=None) -> int:
         # 1. The whole workflow once at 2 steps: every node runs (their times are reported from
         #    here) and the one-time costs (model load, first tiled call) are paid. ComfyUI keeps
         #    the outputs of nodes whose inputs do not change, so the runs after it re-run only
-        #    KSampler -> VAEDecodeTiled -> SaveImage: their times compare sampling with sampling.
+        #    KSampler -> Quadtree VAE Decode -> SaveImage: their times compare sampling with sampling.
         first = copy.deepcopy(prompt)
         first[ks]["inputs"].update(steps=2, seed=int(prompt[ks]["inputs"]["seed"]) + 1)
         first_entry, stages["first run: every node, sampling at 2 steps"], first_nodes, _ = run(

@@ -34,8 +34,8 @@ WIDGETS = {
     "ImageScaleBy": ["upscale_method", "scale_by"],
     "QuadtreeVisualizer": ["content_threshold", "min_tile_size", "min_denoise", "max_denoise",
                            "line_thickness", "max_tile_size", "draw_indices"],
-    "VAEEncodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
-    "VAEDecodeTiled": ["tile_size", "overlap", "temporal_size", "temporal_overlap"],
+    "VAEEncodeTiled_QuadtreeDiffusion": ["tile_size", "fast", "color_fix"],
+    "VAEDecodeTiled_QuadtreeDiffusion": ["tile_size", "fast"],
     "QuadtreeDiffusion": ["method", "enable_overlap", "tile_overlap", "tile_batch_size",
                           "skip_diffusion_below", "variable_denoise", "tile_width", "tile_height"],
     "SpotDiffusionParams_QuadtreeDiffusion": ["shift_method", "seed", "context_margin"],
@@ -52,8 +52,8 @@ INPUTS = {
     "LoadImage": [],
     "ImageScaleBy": [("image", "IMAGE")],
     "QuadtreeVisualizer": [("image", "IMAGE")],
-    "VAEEncodeTiled": [("pixels", "IMAGE"), ("vae", "VAE")],
-    "VAEDecodeTiled": [("samples", "LATENT"), ("vae", "VAE")],
+    "VAEEncodeTiled_QuadtreeDiffusion": [("pixels", "IMAGE"), ("vae", "VAE")],
+    "VAEDecodeTiled_QuadtreeDiffusion": [("samples", "LATENT"), ("vae", "VAE")],
     "QuadtreeDiffusion": [("model", "MODEL"), ("quadtree", "QUADTREE")],
     "SpotDiffusionParams_QuadtreeDiffusion": [("model", "MODEL")],
     "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -71,8 +71,8 @@ OUTPUTS = {
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "ImageScaleBy": [("IMAGE", "IMAGE")],
     "QuadtreeVisualizer": [("image", "IMAGE"), ("quadtree", "QUADTREE")],
-    "VAEEncodeTiled": [("LATENT", "LATENT")],
-    "VAEDecodeTiled": [("IMAGE", "IMAGE")],
+    "VAEEncodeTiled_QuadtreeDiffusion": [("LATENT", "LATENT")],
+    "VAEDecodeTiled_QuadtreeDiffusion": [("IMAGE", "IMAGE")],
     "QuadtreeDiffusion": [("MODEL", "MODEL")],
     "SpotDiffusionParams_QuadtreeDiffusion": [("MODEL", "MODEL")],
     "KSampler": [("LATENT", "LATENT")],
@@ -82,7 +82,8 @@ OUTPUTS = {
     "ControlNetApplyAdvanced": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
 }
 # Node types that ship with ComfyUI (the frontend records their origin in properties.cnr_id).
-CORE = set(WIDGETS) - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion"}
+CORE = set(WIDGETS) - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion",
+                       "VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion"}
 # INT widgets the frontend follows with a control_after_generate widget: those that ask for it
 # (KSampler's seed) and, by the frontend's legacy rule, every widget named seed or noise_seed.
 SEED_WIDGETS = {"seed", "noise_seed"}
@@ -218,13 +219,15 @@ class Graph:
 DISPLAY = {
     "CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
     "LoadImage": "Load Image", "ImageScaleBy": "Upscale Image By", "QuadtreeVisualizer": "Quadtree Visualizer",
-    "VAEEncodeTiled": "VAE Encode (Tiled)", "VAEDecodeTiled": "VAE Decode (Tiled)",
+    "VAEEncodeTiled_QuadtreeDiffusion": "Quadtree VAE Encode", "VAEDecodeTiled_QuadtreeDiffusion": "Quadtree VAE Decode",
     "QuadtreeDiffusion": "Quadtree Diffusion", "SpotDiffusionParams_QuadtreeDiffusion": "SpotDiffusion Parameters (Quadtree)",
     "KSampler": "KSampler", "EmptyLatentImage": "Empty Latent Image", "SaveImage": "Save Image",
     "ControlNetLoader": "Load ControlNet Model", "ControlNetApplyAdvanced": "Apply ControlNet",
 }
 
-VAE_TILED = dict(tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8)
+# Quadtree VAE Encode / Decode, exact (equal to the untiled VAE); 1024-px tiles fit GPUs of 8 GB and more.
+VAE_ENCODE = dict(tile_size=1024, fast=False, color_fix=True)
+VAE_DECODE = dict(tile_size=1024, fast=False)
 
 
 def _prompts(g: Graph, ckpt: int, x: int, y: int, positive: str = POSITIVE, negative: str = NEGATIVE):
@@ -248,13 +251,13 @@ def quadtree_img2img_upscale() -> Graph:
                  min_denoise=0.2, max_denoise=0.6, line_thickness=2, max_tile_size=1024, draw_indices=False)
     save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree visualisation",
                       filename_prefix="quadtree/visualisation")
-    enc = g.node("VAEEncodeTiled", (760, 520), (300, 150), **VAE_TILED)
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (760, 520), (300, 130), **VAE_ENCODE)
     qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
                 tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
                 tile_width=1024, tile_height=1024)
     ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=7.0, sampler_name="euler",
                 scheduler="normal", denoise=1.0)
-    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
     save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image", filename_prefix="quadtree/upscale")
     g.link(img, "IMAGE", up, "image")
     g.link(up, "IMAGE", vis, "image")
@@ -287,7 +290,7 @@ def grid_txt2img_large() -> Graph:
                 tile_width=1024, tile_height=1024)
     ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=25, cfg=7.0, sampler_name="dpmpp_2m",
                 scheduler="karras", denoise=1.0)
-    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
     save = g.node("SaveImage", (1600, 40), (560, 360), filename_prefix="quadtree/grid_txt2img")
     g.link(ckpt, "MODEL", qd, "model")
     g.link(qd, "MODEL", ks, "model")
@@ -315,7 +318,7 @@ def spotdiffusion_txt2img() -> Graph:
                 context_margin=0)
     ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=25, cfg=7.0, sampler_name="euler",
                 scheduler="normal", denoise=1.0)
-    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
     save = g.node("SaveImage", (1600, 40), (620, 300), filename_prefix="quadtree/spotdiffusion")
     g.link(ckpt, "MODEL", qd, "model")
     g.link(qd, "MODEL", sp, "model")
@@ -345,13 +348,13 @@ def quadtree_upscale_tile_controlnet() -> Graph:
     cna = g.node("ControlNetApplyAdvanced", (880, 360), (340, 190), strength=0.6, start_percent=0.0,
                  end_percent=1.0)  # with variable_denoise=schedule low-denoise tiles are sampled only in
     # the last steps: an end_percent below 1 would leave them without control
-    enc = g.node("VAEEncodeTiled", (760, 620), (300, 150), **VAE_TILED)
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (760, 620), (300, 130), **VAE_ENCODE)
     qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
                 tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
                 tile_width=1024, tile_height=1024)
     ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=7.0, sampler_name="euler",
                 scheduler="normal", denoise=1.0)
-    dec = g.node("VAEDecodeTiled", (1260, 360), (300, 150), **VAE_TILED)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
     save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image",
                   filename_prefix="quadtree/tile_cn_upscale")
     g.link(img, "IMAGE", up, "image")

@@ -532,6 +532,89 @@ class FixtureVAE:
 
 
 # --------------------------------------------------------------------------------------------
+# A real ComfyUI VAE (comfy.sd.VAE around ComfyUI's own AutoencoderKL / Encoder / Decoder), tiny
+
+# SD-shaped (attention only in the middle, 8x: four levels), 32/64 channels (GroupNorm's 32 groups).
+TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                     "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                     "dropout": 0.0}
+
+
+# What comfy.sd.VAE builds for an SD1.x/SD2/SDXL VAE (4 levels, 128..512 channels, 2 blocks a level).
+SD_VAE_DDCONFIG = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+
+
+@torch.no_grad()
+def seeded_state_dict(module: torch.nn.Module, seed: int) -> dict:
+    """A seeded state dict for ``module`` (ComfyUI's ops skip weight init): convs/linears
+    N(0, 1/fan_in), their biases N(0, 0.1^2), norm weights 1 + N(0, 0.2^2) and biases N(0, 0.2^2)
+    (so a wrongly applied affine shows), batch-norm running mean N(0, 0.5^2) / var U(0.5, 2)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    norms = {n for n, m in module.named_modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    out = {}
+    for name, t in module.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        shape = tuple(t.shape)
+        if leaf == "running_mean":
+            v = torch.randn(shape, generator=gen) * 0.5
+        elif leaf == "running_var":
+            v = torch.rand(shape, generator=gen) * 1.5 + 0.5
+        elif not t.is_floating_point():
+            v = t.clone()
+        elif owner in norms:
+            v = (1.0 if leaf == "weight" else 0.0) + 0.2 * torch.randn(shape, generator=gen)
+        elif leaf == "bias" or t.ndim < 2:
+            v = 0.1 * torch.randn(shape, generator=gen)
+        else:
+            v = torch.randn(shape, generator=gen) / math.sqrt(max(1, t[0].numel()))
+        out[name] = v.to(t.dtype) if t.is_floating_point() else v
+    return out
+
+
+def tiny_vae(seed: int = 0, z_channels: int = 4, batch_norm_latent: bool = False, dtype=None,
+             quant_conv: bool = True, ddconfig: dict | None = None):
+    """A real ``comfy.sd.VAE`` around ComfyUI's ``AutoencoderKL`` with :data:`TINY_VAE_DDCONFIG`,
+    seeded weights, ``z_channels`` latent channels (16: SD3/FLUX-style), optionally the Flux2-style
+    batch-norm latent (2x2-packed, 16x, 4 z_channels latent channels), optionally without quant
+    convs (FLUX's ``AutoencodingEngine``); ``ddconfig`` overrides the network (e.g. SD's full size,
+    ``SD_VAE_DDCONFIG``, for benchmarks). Built through ``comfy.sd.VAE(sd=..., config=...)``, the
+    config path every supported ComfyUI has; the attributes sd.py sets when it detects such a VAE
+    from its weights are set the same way."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+
+    dd = dict(TINY_VAE_DDCONFIG, **(ddconfig or {}), z_channels=z_channels)
+    if batch_norm_latent:
+        dd["batch_norm_latent"] = True
+    params = {"ddconfig": dd, "embed_dim": z_channels}
+    vae = comfy.sd.VAE(sd=seeded_state_dict(AutoencoderKL(**params), seed), config={"params": params}, dtype=dtype)
+    if batch_norm_latent:   # what sd.py does for a VAE with 'bn.running_mean'
+        vae.downscale_ratio *= 2
+        vae.upscale_ratio *= 2
+    vae.latent_channels = z_channels * (4 if batch_norm_latent else 1)
+    if not quant_conv:      # FLUX's VAE: AutoencodingEngine (no quant convs), as sd.py builds it
+        eng = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": dd},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": dd})
+        eng.load_state_dict(seeded_state_dict(eng, seed))
+        vae.first_stage_model = eng.to(vae.vae_dtype).eval()
+        vae.patcher = type(vae.patcher)(eng, load_device=vae.device, offload_device=mm.vae_offload_device())
+        vae.size = None
+    return vae
+
+
+def smooth_latent(channels: int, height: int, width: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A latent-like tensor: low-frequency noise (bilinear from 1/4 resolution) plus a ramp."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    low = torch.randn((batch, channels, max(1, height // 4), max(1, width // 4)), generator=gen)
+    z = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+    ramp = torch.linspace(-1.0, 1.0, width).reshape(1, 1, 1, width)
+    return (z * 1.5 + ramp + 0.3 * torch.randn((batch, channels, height, width), generator=gen)).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
 # Sampling / node helpers
 # --------------------------------------------------------------------------------------------
 

@@ -107,3 +107,28 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
         qs = [r for r in runs if r["canvas"] == canvas and r["config"] == "quadtree schedule" and r["tile_batch"] == 0]
         qo = [r for r in runs if r["canvas"] == canvas and r["config"] == "quadtree off"]
         assert qs[0]["tiles"] < qo[0]["tiles"]
+
+
+def test_bench_vae_small(tmp_path):
+    """benchmarks/bench_vae.py end to end at smoke size: its ratio lines and JSON; the counts it
+    measures (largest convolution input, errors) are deterministic, its times are not asserted."""
+    path = tmp_path / "vae.json"
+    stdout = _run([os.path.join(BENCH, "bench_vae.py"), "--small", "--sizes", "96,192", "--tile", "48",
+                   "--json", str(path)], timeout=600)
+    ratios = _ratio_lines(stdout)
+    for kind in ("decode", "encode"):
+        for key in (f"conv_input_growth[{kind}/exact]", f"conv_input_growth[{kind}/untiled]",
+                    f"mean_err[{kind}/fast@192]", f"mean_err[{kind}/comfy_tiled@192]",
+                    f"fast_vs_comfy_mean_err[{kind}@192]", f"max_err_vs_fp64[{kind}/exact@192]",
+                    f"time_vs_untiled[{kind}/exact@192]"):
+            assert key in ratios, f"ratio line {key!r} missing from:\n{stdout[-3000:]}"
+            assert math.isfinite(ratios[key]) and ratios[key] > 0, (key, ratios[key])
+        assert ratios[f"conv_input_growth[{kind}/exact]"] <= 1.3 < 3.5 <= ratios[f"conv_input_growth[{kind}/untiled]"]
+    assert ratios["max_err[decode/exact@192]"] < 1e-4 and ratios["max_err[encode/exact@192]"] < 1e-3
+    data = json.loads(path.read_text())
+    assert data["ratios"].keys() == ratios.keys()
+    assert {r["method"] for r in data["runs"]} == {"untiled", "exact", "fast", "comfy_tiled"}
+    assert all(r["status"] == "ok" and math.isfinite(r["seconds"]) for r in data["runs"])
+    per_mp = data["sd_host_bytes_per_megapixel"]
+    assert per_mp["fp32"]["decode_exact"] == pytest.approx(2 * per_mp["fp16"]["decode_exact"], rel=0.02)
+    assert per_mp["fp32"]["decode_exact"] > 10 * per_mp["fp32"]["decode_fast"]

@@ -10,7 +10,9 @@
   them and their thumbnails (``/api/workflow_templates/<pack folder>/<name>.json`` / ``.jpg``);
 * every API form runs (``POST /prompt``) with fixture nodes standing in for the checkpoint and
   ControlNet loaders and with CPU-sized canvases and step counts, and the engine's log shows that
-  the sampling was tiled.
+  the sampling was tiled; the Quadtree VAE nodes run exactly with a real (tiny) ComfyUI VAE
+  (``QTDTestVAELoader``, in the img2img upscale) and fall back to ComfyUI's tiled VAE, with their
+  log line, with the checkpoint fixture's stand-in VAE (the other workflows).
 """
 import copy
 import glob
@@ -39,6 +41,8 @@ SEED_WIDGETS = ("seed", "noise_seed")     # the frontend adds control_after_gene
 FILE_COMBOS = {"ckpt_name", "control_net_name", "image", "vae_name", "lora_name", "unet_name"}
 PROMPT_TIMEOUT = 300
 RUN_DONE = re.compile(r"\[Quadtree Diffusion\] run done: (\d+) model calls, (\d+) tile evaluations")
+VAE_LINE = re.compile(r"\[Quadtree VAE\] [^\n]*")
+VAE_NODES = ("VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion")
 
 
 def load(path):
@@ -287,14 +291,23 @@ def test_template_browser_lists_the_ui_forms_only(comfy_server):
 
 # --------------------------------------------------------------------------- tests: runs
 
-def substitute(prompt: dict, checkpoint_kind: str) -> dict:
-    """Fixture nodes for the loaders that need files that do not exist here (outputs map 1:1)."""
+def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False) -> dict:
+    """Fixture nodes for the loaders that need files that do not exist here (outputs map 1:1);
+    with ``real_vae`` the checkpoint's VAE output is replaced by a tiny real ComfyUI VAE."""
     p = copy.deepcopy(prompt)
-    for node in p.values():
+    ckpts = set()
+    for nid, node in p.items():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "QTDTestCheckpointLoader", {"kind": checkpoint_kind, "seed": 0}
+            ckpts.add(nid)
         elif node["class_type"] == "ControlNetLoader":
             node["class_type"], node["inputs"] = "QTDTestControlNetLoader", {"seed": 0}
+    if real_vae:
+        for node in p.values():
+            for name, value in node["inputs"].items():
+                if isinstance(value, list) and value[0] in ckpts and value[1] == 2:  # the VAE output
+                    node["inputs"][name] = ["vae_fixture", 0]
+        p["vae_fixture"] = {"class_type": "QTDTestVAELoader", "inputs": {"seed": 0}}
     return p
 
 
@@ -318,6 +331,8 @@ def shrink(prompt: dict, image_name: str, steps: int) -> dict:
             inp["steps"] = steps
         elif ct == "SaveImage":
             inp["filename_prefix"] = "example_wf/" + inp["filename_prefix"].split("/")[-1]
+        elif ct in VAE_NODES:
+            inp["tile_size"] = max(128, inp["tile_size"] // 8)
     return p
 
 
@@ -336,20 +351,21 @@ def test_image(comfy_server):
 
 
 RUNS = {
-    # name: (fixture checkpoint kind, steps, {SaveImage filename_prefix suffix: expected (W, H)})
-    "quadtree_img2img_upscale": ("local", 3, {"upscale": (128, 128), "visualisation": (128, 128)}),
-    "grid_txt2img_large": ("local", 3, {"grid_txt2img": (256, 128)}),
-    "spotdiffusion_txt2img": ("local", 3, {"spotdiffusion": (384, 128)}),
+    # name: (fixture checkpoint kind, steps, {SaveImage filename_prefix suffix: expected (W, H)}, real VAE)
+    "quadtree_img2img_upscale": ("local", 3, {"upscale": (128, 128), "visualisation": (128, 128)}, True),
+    "grid_txt2img_large": ("local", 3, {"grid_txt2img": (256, 128)}, False),
+    "spotdiffusion_txt2img": ("local", 3, {"spotdiffusion": (384, 128)}, False),
     "quadtree_upscale_tile_controlnet": ("tiny_sd15", 2, {"tile_cn_upscale": (128, 128),
-                                                          "tile_cn_visualisation": (128, 128)}),
+                                                          "tile_cn_visualisation": (128, 128)}, False),
 }
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, test_image):
-    kind, steps, expected = RUNS[name]
+    kind, steps, expected, real_vae = RUNS[name]
     shipped = load(api_path(name))
-    prompt = shrink(substitute(shipped, kind), test_image, steps)
+    assert any(n["class_type"] == "VAEDecodeTiled_QuadtreeDiffusion" for n in shipped.values())
+    prompt = shrink(substitute(shipped, kind, real_vae), test_image, steps)
     before = len(comfy_server.log_text())
     history = comfy_server.run(prompt, timeout=PROMPT_TIMEOUT)
     log = comfy_server.log_text()[before:]
@@ -370,6 +386,16 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
     assert calls >= steps and evaluations > calls, (calls, evaluations)  # several tiles per call
     if "quadtree" in name:
         assert "quadtree of 128x128px" in log
+
+    # one log line per Quadtree VAE node: exact with the real VAE, ComfyUI's tiled VAE otherwise
+    vae_nodes = [n["class_type"] for n in prompt.values() if n["class_type"] in VAE_NODES]
+    lines = VAE_LINE.findall(log)
+    assert len(lines) == len(vae_nodes) >= 1, lines
+    for line in lines:
+        if real_vae:
+            assert re.match(r"\[Quadtree VAE\] exact (en|de)code of 1 image\(s\)", line), line
+        else:
+            assert "FixtureVAE" in line and "ComfyUI's own tiled VAE" in line, line
 
 
 def test_tile_controlnet_changes_the_tiled_result(comfy_server, test_image):

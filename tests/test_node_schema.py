@@ -64,6 +64,33 @@ EXPECTED = {
         "output": ["MODEL"],
         "output_name": ["MODEL"],
     },
+    # The predecessor's ids and inputs (its saved workflows load). tile_size's default follows the
+    # device's memory: 512 on the CPU these tests run on (see test_vae_tile_size_default_follows_the_device).
+    "VAEEncodeTiled_QuadtreeDiffusion": {
+        "display_name": "Quadtree VAE Encode",
+        "required": [
+            ("pixels", "IMAGE", {}),
+            ("vae", "VAE", {}),
+            ("tile_size", "INT", {"default": 512, "min": 128, "max": 8192, "step": 16}),
+            ("fast", "BOOLEAN", {"default": False}),
+            ("color_fix", "BOOLEAN", {"default": True}),
+        ],
+        "optional": [],
+        "output": ["LATENT"],
+        "output_name": ["LATENT"],
+    },
+    "VAEDecodeTiled_QuadtreeDiffusion": {
+        "display_name": "Quadtree VAE Decode",
+        "required": [
+            ("samples", "LATENT", {}),
+            ("vae", "VAE", {}),
+            ("tile_size", "INT", {"default": 512, "min": 128, "max": 8192, "step": 16}),
+            ("fast", "BOOLEAN", {"default": False}),
+        ],
+        "optional": [],
+        "output": ["IMAGE"],
+        "output_name": ["IMAGE"],
+    },
     "QuadtreeTileCrops": {
         "display_name": "Quadtree Tile Crops",
         "required": [("image", "IMAGE", {}), ("quadtree", "QUADTREE", {})],
@@ -231,3 +258,28 @@ def test_execute_returns_node_output(pack):
     assert m is not model
     with pytest.raises(ValueError, match="shift_method: 'x' is not one of random, sorted, fibonacci"):
         pack.nodes.SpotDiffusionParams_QuadtreeDiffusion.execute(model=model, shift_method="x", seed=3)
+
+
+def test_vae_tile_size_default_follows_the_device(pack):
+    """512 px on the CPU; on an accelerator the largest multiple of 64 whose tile fits a fifth of
+    its memory (more memory, larger tiles; 256..4096)."""
+    tv = pack.tiled_vae
+    assert tv.default_tile_size("decode") == tv.default_tile_size("encode") == 512
+    sizes = {gib: (tv.tile_size_for_memory(gib * 2 ** 30, "decode"), tv.tile_size_for_memory(gib * 2 ** 30, "encode"))
+             for gib in (4, 8, 24, 80, 1000)}
+    dec = [d for d, _ in sizes.values()]
+    assert dec == sorted(dec) and dec[0] >= 256 and dec[-1] == 4096 and len(set(dec)) >= 4, sizes
+    assert all(e >= d and e % 64 == 0 for d, e in sizes.values()), sizes
+    assert tv.tile_bytes(sizes[24][0] ** 2 * 256, 2) <= 24 * 2 ** 30 / 5 < tv.tile_bytes((sizes[24][0] + 64) ** 2 * 256, 2)
+
+
+@pytest.mark.parametrize("node_id, inputs", [
+    ("VAEDecodeTiled_QuadtreeDiffusion", dict(samples=None, vae=None, fast=False)),
+    ("VAEEncodeTiled_QuadtreeDiffusion", dict(pixels=None, vae=None, fast=False, color_fix=True)),
+])
+@pytest.mark.parametrize("tile_size", [64, 9000])
+def test_vae_nodes_reject_a_tile_size_out_of_range(pack, node_id, inputs, tile_size):
+    cls = getattr(pack.nodes, node_id)
+    with pytest.raises(ValueError, match=rf"tile_size \({tile_size}\) is outside 128..8192 px: "
+                                         r"set tile_size between 128 and 8192"):
+        cls.execute(tile_size=tile_size, **inputs)

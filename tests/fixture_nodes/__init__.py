@@ -4,6 +4,9 @@ Installed into a test server's ``custom_nodes`` folder (as a symlink) by tests/s
 
 * ``QTDTestCheckpointLoader`` (kind, seed) -> (MODEL, CLIP, VAE): drop-in for CheckpointLoaderSimple.
 * ``QTDTestConditioning`` (text) -> CONDITIONING.
+* ``QTDTestVAELoader`` (seed) -> VAE: a tiny real ``comfy.sd.VAE`` (ComfyUI's AutoencoderKL with
+  seeded weights, ``fx.tiny_vae``), which the Quadtree VAE nodes run exactly; the checkpoint
+  loader's VAE (a duck-typed linear stand-in) makes them fall back to ComfyUI's tiled VAE.
 
 ``tests/fixtures.py`` is found through ``$QTD_FIXTURES_PY`` or next to this package's real
 (symlink-resolved) folder, and loaded by file path as module ``qtd_fixtures``.
@@ -74,13 +77,31 @@ class QTDTestConditioning:
         return (fx.tiny_conditioning(text),)
 
 
+class QTDTestVAELoader:
+    """A tiny real ComfyUI VAE (stands in for VAELoader / a checkpoint's VAE)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Weight seed."})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/quadtree_diffusion"
+    DESCRIPTION = "Test fixture: ComfyUI's AutoencoderKL, 32/64 channels, seeded weights."
+
+    def load(self, seed):
+        return (fx.tiny_vae(seed=seed),)
+
+
 NODE_CLASS_MAPPINGS = {
     "QTDTestCheckpointLoader": QTDTestCheckpointLoader,
     "QTDTestConditioning": QTDTestConditioning,
+    "QTDTestVAELoader": QTDTestVAELoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "QTDTestCheckpointLoader": "QTD Test Checkpoint Loader",
     "QTDTestConditioning": "QTD Test Conditioning",
+    "QTDTestVAELoader": "QTD Test VAE Loader",
 }
 
 # Extra fixture nodes kept in their own files (ControlNet for the Tile-ControlNet example
