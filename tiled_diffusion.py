@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import model_families as mf
 from . import quadtree as qt
 from . import variable_denoise as vd
 from .tile_control import TileControl
@@ -38,7 +39,7 @@ PS = "[Quadtree Skip]:"
 MOD_STD = 0.1          # Mixture of Diffusers: per-axis std as a fraction of the window side (var = 0.01)
 ASPECT_TOLERANCE = 0.03
 MANY_TILES = 1000
-LIST_KEYS_WHOLE = ("ref_latents",)   # lists of reference latents go whole to every tile
+LIST_KEYS_WHOLE = tuple(sorted(mf.WHOLE_KEYS))   # references go whole to every tile (model_families.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,14 @@ def expand(a0: int, a1: int, margin: int, length: int) -> tuple[int, int]:
     size = min(a1 - a0 + 2 * margin, length)
     start = min(max(a0 - margin, 0), length - size)
     return start, start + size
+
+
+def grow(a0: int, a1: int, size: int, length: int, align: int = 1) -> tuple[int, int]:
+    """[a0, a1) widened about its centre to at least ``size`` (on the ``align`` grid), inside [0, length)."""
+    if a1 - a0 >= size:
+        return a0, a1
+    m = -(-(size - (a1 - a0)) // 2)
+    return expand(a0, a1, -(-m // align) * align, length)
 
 
 def gaussian_1d(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -237,7 +246,7 @@ def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int, cache=None) 
         if key == "transformer_options" or hasattr(v, "tile_control"):
             out[key] = v    # deferred control is computed per tile batch in TiledDiffusion._evaluate
         else:
-            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in LIST_KEYS_WHOLE, cache=cache)
+            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=not mf.is_whole(key), cache=cache)
     return out
 
 
@@ -251,9 +260,9 @@ class Plan:
     """
 
     def __init__(self, cfg: TileConfig, H: int, W: int, compression: int, align: int,
-                 device, dtype, layout: qt.Layout | None):
+                 device, dtype, layout: qt.Layout | None, min_tile: int = 1):
         self.cfg, self.H, self.W, self.device, self.dtype = cfg, H, W, device, dtype
-        self.compression, self.align = compression, align
+        self.compression, self.align, self.min_tile = compression, align, min_tile
         self.spot = cfg.method == "SpotDiffusion"
         self.notes: list[str] = []
         self.windows = self._windows(layout)
@@ -281,6 +290,11 @@ class Plan:
         if layout is None:
             th, tw = max(1, min(H, cfg.tile_height // c)), max(1, min(W, cfg.tile_width // c))
             th, tw = max(th, min(H, self.align)), max(tw, min(W, self.align))
+            mt = self.min_tile
+            if th < min(H, mt) or tw < min(W, mt):
+                self.notes.append(f"grid tile {tw * c}x{th * c}px enlarged to {max(tw, min(W, mt)) * c}x"
+                                  f"{max(th, min(H, mt)) * c}px: this model takes no tile under {mt * c}px")
+                th, tw = max(th, min(H, mt)), max(tw, min(W, mt))
             sh, sw = snap_tile(th, H, self.align), snap_tile(tw, W, self.align)
             if (sh, sw) != (th, tw):
                 self.notes.append(f"grid tile {tw * c}x{th * c}px snapped to {sw * c}x{sh * c}px "
@@ -318,9 +332,17 @@ class Plan:
                 overlap = limit
             margin = -(-overlap // 2)
             margin = -(-margin // a) * a
+        small = [t for t in cores if min(t.w, t.h) + 2 * margin < self.min_tile]
+        if small and self.spot:
+            raise ValueError(f"quadtree: {len(small)} tiles are smaller than the {self.min_tile * c}px this model takes "
+                             f"and SpotDiffusion tiles cannot overlap: raise min_tile_size to {self.min_tile * c}px "
+                             f"or use Mixture of Diffusers / MultiDiffusion")
+        if small:
+            self.notes.append(f"{len(small)} quadtree tiles evaluated in windows enlarged to {self.min_tile * c}px "
+                              f"(this model takes no tile under that)")
         for t in cores:
-            y0, y1 = expand(t.y, t.y + t.h, margin, H)
-            x0, x1 = expand(t.x, t.x + t.w, margin, W)
+            y0, y1 = grow(*expand(t.y, t.y + t.h, margin, H), self.min_tile, H, a)
+            x0, x1 = grow(*expand(t.x, t.x + t.w, margin, W), self.min_tile, W, a)
             sk = bool(skip) and t.min_side * c < skip
             out.append(Window(y0, y1, x0, x1, (t.y, t.y + t.h, t.x, t.x + t.w), float(t.denoise), sk))
         return out
@@ -430,7 +452,7 @@ class Plan:
 
 
 def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, device, dtype,
-             check_aspect: bool = True, item: int = 0) -> Plan:
+             check_aspect: bool = True, item: int = 0, min_tile: int = 1) -> Plan:
     """Build the plan of a canvas (for batch item ``item`` when the config holds one layout per
     item); a layout from an image of another size is scaled to it."""
     layouts = cfg.layouts
@@ -448,7 +470,7 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
             note = (f"quadtree built for a {layout.width}x{layout.height}px image, scaled to the "
                     f"{W * compression}x{H * compression}px latent")
         layout = qt.scale_layout(layout, W, H, align)
-    plan = Plan(cfg, H, W, compression, align, device, dtype, layout)
+    plan = Plan(cfg, H, W, compression, align, device, dtype, layout, min_tile)
     if note:
         plan.notes.insert(0, note)
     return plan
@@ -567,7 +589,7 @@ class TiledDiffusion:
             base = model.model
             c, a = latent_compression(base), latent_patch_size(base)
             H, W = int(noise_shape[-2]), int(noise_shape[-1])
-            h, w, n = self._largest_tile(H, W, c, a)
+            h, w, n = self._largest_tile(H, W, c, a, mf.min_tile(base))
             k = min(self.cfg.tile_batch_size or 1, n)
             noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
         except ValueError:
@@ -576,12 +598,12 @@ class TiledDiffusion:
             log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
         return executor(model, noise_shape, conds, *args, **kwargs)
 
-    def _largest_tile(self, H: int, W: int, compression: int, align: int) -> tuple[int, int, int]:
+    def _largest_tile(self, H: int, W: int, compression: int, align: int, min_tile: int = 1) -> tuple[int, int, int]:
         """(largest window height, width, most windows) over the layouts on an H x W latent; cached."""
-        key = (H, W, compression, align)
+        key = (H, W, compression, align, min_tile)
         hit = self._largest.get(key)
         if hit is None:
-            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i)
+            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i, min_tile=min_tile)
                      for i in range(len(self.cfg.layouts))]
             hit = (max(w.size[0] for plan in plans for w in plan.windows),
                    max(w.size[1] for plan in plans for w in plan.windows),
@@ -730,7 +752,7 @@ class TiledDiffusion:
             plan = self._plans.get(key)
             if plan is None:
                 plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device,
-                                x.dtype, item=item)
+                                x.dtype, item=item, min_tile=mf.min_tile(base))
                 if len(self._plans) >= 4:
                     self._plans.pop(next(iter(self._plans)))
                 self._plans[key] = plan
@@ -802,6 +824,7 @@ class TiledDiffusion:
         xv = x.reshape(n_chunks, B, *x.shape[1:])
         out = torch.zeros_like(x)
         ov = out.reshape(n_chunks, B, *x.shape[1:])
+        c = mf.canvas_cond(c, model.base, H, W)
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         for group in plan.groups(evaluated):
             h, w = plan.windows[group[0]].size
@@ -831,7 +854,8 @@ class TiledDiffusion:
                               enable_overlap=cfg.enable_overlap, tile_overlap=cfg.tile_overlap,
                               tile_batch_size=cfg.tile_batch_size, skip_below=0, variable_denoise="off",
                               tile_width=cfg.tile_width, tile_height=cfg.tile_height, layout=None)
-        plan = plan_for(grid_cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype)
+        plan = plan_for(grid_cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype,
+                        min_tile=mf.min_tile(base))
         if run is not None and run.once(f"area{H}x{W}"):
             log.info("%s area-conditioned call on %dx%d latent px: %s, at full strength", P, W, H,
                      plan.describe())
