@@ -28,6 +28,7 @@ from . import model_families as mf
 from . import quadtree as qt
 from . import variable_denoise as vd
 from .tile_control import TileControl
+from .tile_patches import tile_transformer_options
 from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
 
 log = logging.getLogger(__name__)
@@ -837,9 +838,13 @@ class TiledDiffusion:
                 xt = xt.reshape(-1, *xt.shape[3:])
                 tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
                 ct = tile_cond(c, wins, n_chunks, N, H, W, rep)
+                tb = TileBatch(tuple(wins), H, W, n_chunks, shift)
+                if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
+                    ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
+                                                                         run.hints if run is not None else rep)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
-                    ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks, shift))
+                    ct["control"] = deferred.tile_control(xt, tt, ct, tb)
                 pred = model(xt, tt, ct, cou)
                 pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
                 for j, (i, wi) in enumerate(zip(idx, wins)):
