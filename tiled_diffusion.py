@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import model_families as mf
 from . import quadtree as qt
 from . import regional
 from . import spot_diffusion as sd
 from . import tile_conditioning as tcond
 from . import variable_denoise as vd
 from .tile_control import TileControl
+from .tile_patches import tile_transformer_options
 from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ PS = "[Quadtree Skip]:"
 MOD_STD = 0.1          # Mixture of Diffusers: per-axis std as a fraction of the window side (var = 0.01)
 ASPECT_TOLERANCE = 0.03
 MANY_TILES = 1000
-LIST_KEYS_WHOLE = ("ref_latents",)   # lists of reference latents go whole to every tile
+LIST_KEYS_WHOLE = tuple(sorted(mf.WHOLE_KEYS))   # references go whole to every tile (model_families.py)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,14 @@ class Window:
 # --------------------------------------------------------------------------- geometry
 
 expand = sd.expand
+
+
+def grow(a0: int, a1: int, size: int, length: int, align: int = 1) -> tuple[int, int]:
+    """[a0, a1) widened about its centre to at least ``size`` (on the ``align`` grid), inside [0, length)."""
+    if a1 - a0 >= size:
+        return a0, a1
+    m = -(-(size - (a1 - a0)) // 2)
+    return expand(a0, a1, -(-m // align) * align, length)
 
 
 def gaussian_1d(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -217,7 +227,7 @@ def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int, cache=None) 
         if key == "transformer_options" or hasattr(v, "tile_control"):
             out[key] = v    # deferred control is computed per tile batch in TiledDiffusion._evaluate
         else:
-            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in LIST_KEYS_WHOLE, cache=cache)
+            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=not mf.is_whole(key), cache=cache)
     return out
 
 
@@ -233,9 +243,9 @@ class Plan:
     """
 
     def __init__(self, cfg: TileConfig, H: int, W: int, compression: int, align: int,
-                 device, dtype, layout: qt.Layout | None):
+                 device, dtype, layout: qt.Layout | None, min_tile: int = 1):
         self.cfg, self.H, self.W, self.device, self.dtype = cfg, H, W, device, dtype
-        self.compression, self.align = compression, align
+        self.compression, self.align, self.min_tile = compression, align, min_tile
         self.spot = cfg.method == "SpotDiffusion"
         self.notes: list[str] = []
         self.partition: sd.SpotPartition | None = None
@@ -266,6 +276,11 @@ class Plan:
         if layout is None:
             th, tw = max(1, min(H, cfg.tile_height // c)), max(1, min(W, cfg.tile_width // c))
             th, tw = max(th, min(H, self.align)), max(tw, min(W, self.align))
+            mt = self.min_tile
+            if th < min(H, mt) or tw < min(W, mt):
+                self.notes.append(f"grid tile {tw * c}x{th * c}px enlarged to {max(tw, min(W, mt)) * c}x"
+                                  f"{max(th, min(H, mt)) * c}px: this model takes no tile under {mt * c}px")
+                th, tw = max(th, min(H, mt)), max(tw, min(W, mt))
             sh, sw = snap_tile(th, H, self.align), snap_tile(tw, W, self.align)
             if (sh, sw) != (th, tw):
                 self.notes.append(f"grid tile {tw * c}x{th * c}px snapped to {sw * c}x{sh * c}px "
@@ -298,6 +313,11 @@ class Plan:
                 self.partition = sd.SpotPartition(H, W, a, cores=[(t.y, t.y + t.h, t.x, t.x + t.w)
                                                                   for t in layout.tiles])
             cores = self.partition.cores(*self.partition.rest())
+            small = [cc for cc in cores if min(cc[1] - cc[0], cc[3] - cc[2]) < self.min_tile]
+            if small:
+                raise ValueError(f"quadtree: {len(small)} tiles are smaller than the {self.min_tile * c}px this model "
+                                 f"takes and SpotDiffusion tiles cannot overlap: raise min_tile_size (or the tile "
+                                 f"size) to {self.min_tile * c}px or use Mixture of Diffusers / MultiDiffusion")
             dn = [1.0] * len(cores) if layout is None else [float(t.denoise) for t in layout.tiles]
             for (y0, y1, x0, x1), d in zip(cores, dn):
                 sk = bool(skip) and min(y1 - y0, x1 - x0) * c < skip
@@ -313,9 +333,13 @@ class Plan:
                 overlap = limit
             margin = -(-overlap // 2)
             margin = -(-margin // a) * a
+        small = [t for t in cores if min(t.w, t.h) + 2 * margin < self.min_tile]
+        if small:
+            self.notes.append(f"{len(small)} quadtree tiles evaluated in windows enlarged to {self.min_tile * c}px "
+                              f"(this model takes no tile under that)")
         for t in cores:
-            y0, y1 = expand(t.y, t.y + t.h, margin, H)
-            x0, x1 = expand(t.x, t.x + t.w, margin, W)
+            y0, y1 = grow(*expand(t.y, t.y + t.h, margin, H), self.min_tile, H, a)
+            x0, x1 = grow(*expand(t.x, t.x + t.w, margin, W), self.min_tile, W, a)
             sk = bool(skip) and t.min_side * c < skip
             out.append(Window(y0, y1, x0, x1, (t.y, t.y + t.h, t.x, t.x + t.w), float(t.denoise), sk))
         return out
@@ -446,7 +470,7 @@ class Plan:
 
 
 def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, device, dtype,
-             check_aspect: bool = True, item: int = 0) -> Plan:
+             check_aspect: bool = True, item: int = 0, min_tile: int = 1) -> Plan:
     """Build the plan of a canvas (for batch item ``item`` when the config holds one layout per
     item); a layout from an image of another size is scaled to it."""
     layouts = cfg.layouts
@@ -464,7 +488,7 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
             note = (f"quadtree built for a {layout.width}x{layout.height}px image, scaled to the "
                     f"{W * compression}x{H * compression}px latent")
         layout = qt.scale_layout(layout, W, H, align)
-    plan = Plan(cfg, H, W, compression, align, device, dtype, layout)
+    plan = Plan(cfg, H, W, compression, align, device, dtype, layout, min_tile)
     if note:
         plan.notes.insert(0, note)
     return plan
@@ -587,7 +611,7 @@ class TiledDiffusion:
             H, W = int(noise_shape[-2]), int(noise_shape[-1])
             mo = kwargs.get("model_options") or model.model_options
             margin = spot_margin(mo.get("transformer_options", {}), c, a)
-            h, w, n = self._largest_tile(H, W, c, a, margin)
+            h, w, n = self._largest_tile(H, W, c, a, margin, mf.min_tile(base))
             k = min(self.cfg.tile_batch_size or 1, n)
             noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
         except ValueError:
@@ -596,13 +620,14 @@ class TiledDiffusion:
             log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
         return executor(model, noise_shape, conds, *args, **kwargs)
 
-    def _largest_tile(self, H: int, W: int, compression: int, align: int, margin: int = 0) -> tuple[int, int, int]:
+    def _largest_tile(self, H: int, W: int, compression: int, align: int, margin: int = 0,
+                      min_tile: int = 1) -> tuple[int, int, int]:
         """(largest window height, width, most windows) over the layouts on an H x W latent; cached.
         SpotDiffusion: over every shift of its partition, each core grown by ``margin``."""
-        key = (H, W, compression, align, margin)
+        key = (H, W, compression, align, margin, min_tile)
         hit = self._largest.get(key)
         if hit is None:
-            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i)
+            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i, min_tile=min_tile)
                      for i in range(len(self.cfg.layouts))]
             sizes = [plan.max_window(margin) for plan in plans]
             hit = (max(h for h, _ in sizes), max(w for _, w in sizes),
@@ -749,7 +774,7 @@ class TiledDiffusion:
             plan = self._plans.get(key)
             if plan is None:
                 plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device,
-                                x.dtype, item=item)
+                                x.dtype, item=item, min_tile=mf.min_tile(base))
                 if len(self._plans) >= 4:
                     self._plans.pop(next(iter(self._plans)))
                 self._plans[key] = plan
@@ -826,6 +851,7 @@ class TiledDiffusion:
         xv = x.reshape(n_chunks, B, *x.shape[1:])
         out = torch.zeros_like(x)
         ov = out.reshape(n_chunks, B, *x.shape[1:])
+        c = mf.canvas_cond(c, model.base, H, W)
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
         for group in plan.groups(evaluated, windows):
@@ -841,9 +867,13 @@ class TiledDiffusion:
                 ct = tile_cond(c, wins, n_chunks, N, H, W, rep)
                 if prompts is not None:
                     ct = tcond.apply(ct, wins, H, W, n_chunks, B, prompts)
+                tb = TileBatch(tuple(wins), H, W, n_chunks)
+                if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
+                    ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
+                                                                         run.hints if run is not None else rep)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
-                    ct["control"] = deferred.tile_control(xt, tt, ct, TileBatch(tuple(wins), H, W, n_chunks))
+                    ct["control"] = deferred.tile_control(xt, tt, ct, tb)
                 pred = model(xt, tt, ct, cou)
                 pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
                 for j, (i, wi) in enumerate(zip(idx, wins)):
@@ -917,7 +947,8 @@ class TiledDiffusion:
                               enable_overlap=cfg.enable_overlap, tile_overlap=cfg.tile_overlap,
                               tile_batch_size=cfg.tile_batch_size, skip_below=0, variable_denoise="off",
                               tile_width=cfg.tile_width, tile_height=cfg.tile_height, layout=None)
-        plan = plan_for(grid_cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype)
+        plan = plan_for(grid_cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype,
+                        min_tile=mf.min_tile(base))
         if run is not None and run.once(f"area{H}x{W}"):
             log.info("%s area-conditioned call on %dx%d latent px: %s, at full strength", P, W, H,
                      plan.describe())

@@ -38,15 +38,13 @@ def latent_compression(base_model) -> int:
 
 
 def latent_patch_size(base_model) -> int:
-    """Latent pixels per token side of a patchifying model (2 for SD3/FLUX, 1 for UNets).
+    """Latent pixels per token side of a patchifying model (2 for SD3/FLUX, 1 for UNets), under
+    whatever name the family gives it (``model_families.spatial_patch``).
 
     Tile edges are aligned to it so the model never pads a tile.
     """
-    dm = getattr(base_model, "diffusion_model", None)
-    p = getattr(dm, "patch_size", None)
-    if isinstance(p, (tuple, list)) and p:
-        p = p[-1]
-    return int(p) if isinstance(p, int) and p > 0 else 1
+    from .model_families import spatial_patch
+    return spatial_patch(base_model)
 
 
 def cond_dicts(conds):

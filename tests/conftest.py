@@ -7,6 +7,7 @@ Instead this file registers two helper modules by file path:
 
 * ``qtd_fixtures`` = tests/fixtures.py (tiny models, CLIP/VAE stand-ins, run_ksampler, ...)
 * ``qtd_server``   = tests/server.py   (ComfyServer harness)
+* ``qtd_families`` = tests/families.py (tiny models of every model family of the running ComfyUI)
 
 so tests do ``import qtd_fixtures as fx`` / ``from qtd_server import ComfyServer``.
 
@@ -40,6 +41,7 @@ qtd_server = _load_by_path("qtd_server", os.path.join(TESTS_DIR, "server.py"))
 # ComfyUI on sys.path, repo root off it, CPU forced -- before anything imports comfy/torch users.
 COMFYUI_PATH = qtd_fixtures.setup_comfy()
 qtd_reliability = _load_by_path("qtd_reliability", os.path.join(TESTS_DIR, "reliability.py"))
+qtd_families = _load_by_path("qtd_families", os.path.join(TESTS_DIR, "families.py"))
 import nodes as comfy_nodes  # noqa: E402  ComfyUI's nodes.py (asserted below)
 
 assert os.path.realpath(comfy_nodes.__file__).startswith(COMFYUI_PATH + os.sep), comfy_nodes.__file__

@@ -1,0 +1,199 @@
+"""Every model family of the running ComfyUI, tiled (issue 12).
+
+The families are enumerated from ``comfy.supported_models.models`` of the ComfyUI the suite runs
+against (65 on 0.3.75, 96 on 0.28.0), so a family that ComfyUI adds and the pack has no tiny model
+of fails here by name the day it appears.  For each, ``tests/families.py`` builds a tiny model
+from ComfyUI's own classes (its supported_models config shrunk, its model_base class, seeded
+weights) and it is sampled through ComfyUI's KSampler:
+
+* one tile covering the canvas equals untiled sampling (batch 2, img2img at denoise 0.8);
+* a grid (batch 2) and a quadtree with per-tile variable denoise (batch 1): finite, the latent's
+  shape, and every model input a tile the model takes without padding: a multiple of its latent
+  patch on both sides, at least its minimum tile size, with channels and frames untouched.
+
+Families that cannot be image/video-tiled at all are excluded in ``families.EXCLUDED`` with the
+reason; each exclusion's premise is checked here.  The named families of the issue (Qwen-Image,
+Flux.2, Z-Image, HiDream, Chroma, Anima/Cosmos Predict2, HunyuanImage 2.1, LTXV, Wan 2.2) also run
+the other batch size in each mode (:func:`test_named_family_both_batches`).
+"""
+import comfy.supported_models
+import pytest
+import torch
+
+import qtd_families as fam
+
+FAMILIES = [m.__name__ for m in comfy.supported_models.models]
+
+# The families the issue names; "Anima" is its own class on newer ComfyUI, Cosmos Predict2 on 0.3.x.
+NAMED = ["QwenImage", "Flux2", "ZImage", "HiDream", "Chroma", "Anima", "CosmosT2IPredict2", "HunyuanImage21", "LTXV",
+         "WAN22_T2V"]
+
+STEPS, CFG = 2, 3.0
+
+
+def _exclusion_holds(cls, reason: str) -> bool:
+    """The premise of an exclusion, read from ComfyUI's own class."""
+    fmt = cls.latent_format
+    if reason.startswith("audio"):
+        return "audio_model" in cls.unet_config
+    if reason.startswith("3-D"):
+        return getattr(fmt, "latent_dimensions", 2) == 1 or "3d" in str(cls.unet_config.get("image_model", "")) \
+            or "splat" in str(cls.unet_config.get("image_model", ""))
+    import comfy.latent_formats
+    return fmt is comfy.latent_formats.LatentFormat      # no latent space: the model is never sampled
+
+
+_BUILT: dict = {}
+
+
+def tiny(name):
+    """A family's tiny model, built once per session (the checks below share it)."""
+    if name not in _BUILT:
+        _BUILT[name] = fam.tiny(name)
+    return _BUILT[name]
+
+
+class CallLog:
+    """A unet function wrapper set *before* Quadtree Diffusion: the engine calls it once per tile
+    batch, so it sees exactly what the model is given."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, apply_model, args, *a, **kw):
+        self.shapes.append(tuple(args["input"].shape))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+def logged(model):
+    m = model.clone()
+    log = CallLog()
+    m.set_model_unet_function_wrapper(log)
+    return m, log
+
+
+def batch(t, n):
+    lat = t.latent
+    if "frames_batch" in t.extra:          # SVD-style video: the frames are the batch
+        return lat.repeat(t.extra["frames_batch"] * n, *[1] * (lat.ndim - 1))
+    return lat.repeat(n, *[1] * (lat.ndim - 1))
+
+
+def node_model(pack, fx, model, **kw):
+    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
+    args.update(model=model, method="Mixture of Diffusers", tile_batch_size=4)
+    args.update(kw)
+    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+
+
+def quadtree(pack, fx, t):
+    """A content quadtree built on an image at 8 px per latent px (scaled to the latent by the engine)."""
+    H, W = t.latent.shape[-2:]
+    img = fx.synthetic_photo(W * 8, H * 8, seed=1)
+    p = max(t.patch)
+    _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=img, content_threshold=20.0,
+                             min_tile_size=8 * max(t.tile // 2, 2 * p), min_denoise=0.6, max_denoise=1.0,
+                             line_thickness=0, max_tile_size=max(64, 8 * t.tile))
+    return layout
+
+
+def same_shape(out, lat) -> bool:
+    """``out`` has the latent's shape (ComfyUI adds the frame axis to a 4-D latent of a video-format
+    family such as Qwen-Image, whose latent format is 3-D: [B, C, H, W] comes back [B, C, 1, H, W])."""
+    if out.ndim == lat.ndim + 1 and out.shape[2] == 1:
+        out = out.squeeze(2)
+    return out.shape == lat.shape
+
+
+def sample(fx, model, t, lat, denoise=0.8):
+    return fx.run_ksampler(model, t.positive, t.negative, lat, steps=STEPS, cfg=CFG, denoise=denoise)
+
+
+def check_inputs(pack, t, shapes, canvas):
+    """Every model input of a tiled run: a tile (not the canvas), channels/frames untouched, each side a
+    multiple of the family's patch and at least its minimum tile."""
+    base = t.model.model
+    ph, pw = t.patch
+    mt = pack.model_families.min_tile(base)
+    assert shapes, "the model was never called"
+    for s in shapes:
+        assert s[1:-2] == canvas[1:-2], (s, canvas)
+        h, w = s[-2:]
+        assert (h, w) != tuple(canvas[-2:]), f"the model got the whole canvas {canvas}"
+        assert h % ph == 0 and w % pw == 0, f"tile {h}x{w} is not a multiple of the {ph}x{pw} patch"
+        assert min(h, w) >= min(mt, *canvas[-2:]), f"tile {h}x{w} under the model's minimum {mt}"
+
+
+def tiled_run(pack, fx, t, mode, n, **kw):
+    """(output, latent, model input shapes) of a grid or quadtree run at batch ``n``."""
+    c = pack.utils.latent_compression(t.model.model)
+    m, log = logged(t.model)
+    lat = batch(t, n)
+    if mode == "grid":
+        tm = node_model(pack, fx, m, tile_width=t.tile * c, tile_height=t.tile * c, tile_overlap=t.tile * c // 2, **kw)
+    else:
+        kw.setdefault("variable_denoise", "schedule")
+        tm = node_model(pack, fx, m, quadtree=quadtree(pack, fx, t), tile_overlap=t.tile * c // 4, **kw)
+    out = sample(fx, tm, t, lat)
+    return out, lat, log.shapes
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family(pack, fx, name):
+    """One tile equals untiled; grid and quadtree sample finite latents through tiles the model takes."""
+    cls = next(m for m in comfy.supported_models.models if m.__name__ == name)
+    if name in fam.EXCLUDED:
+        reason = fam.EXCLUDED[name]
+        assert _exclusion_holds(cls, reason), f"{name} is excluded as '{reason}', which no longer holds"
+        pytest.skip(f"{name}: {reason}")
+    if name in fam.XFAIL:
+        pytest.xfail(f"{name}: {fam.XFAIL[name]}")
+    if name not in fam.BUILDERS:
+        pytest.fail(f"{name}: no tiny model of this family: add a builder to tests/families.py "
+                    f"(or, if it cannot be image/video-tiled at all, an entry with the reason to EXCLUDED)",
+                    pytrace=False)
+    t = tiny(name)
+    base = t.model.model
+    assert (pack.utils.latent_patch_size(base),) * 2 == t.patch, \
+        f"the engine aligns {name} tiles to {pack.utils.latent_patch_size(base)}, the model's patch is {t.patch}"
+
+    # one tile == untiled (the canvas shape the model sees is recorded for the checks below)
+    lat = batch(t, 2)
+    c = pack.utils.latent_compression(base)
+    H, W = lat.shape[-2:]
+    ref = sample(fx, t.model, t, lat)
+    m, log = logged(t.model)
+    one = sample(fx, node_model(pack, fx, m, tile_width=W * c, tile_height=H * c, tile_overlap=0), t, lat)
+    assert log.shapes and all(s[-2:] == (H, W) for s in log.shapes)
+    canvas = log.shapes[0]
+    if t.max_abs_diff:
+        assert (one - ref).abs().max().item() <= t.max_abs_diff
+    else:
+        assert torch.equal(one, ref), f"one tile differs from untiled by {(one - ref).abs().max().item():.3g}"
+
+    for mode, n in (("grid", 2), ("quadtree", 1)):
+        out, lat, shapes = tiled_run(pack, fx, t, mode, n)
+        assert same_shape(out, lat) and torch.isfinite(out).all(), (mode, n)
+        check_inputs(pack, t, shapes, (shapes[0][0],) + tuple(canvas[1:]))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMED if n in FAMILIES])
+def test_named_family_both_batches(pack, fx, name):
+    """The issue's named families also at the other batch size of each mode (grid batch 1, quadtree with
+    variable denoise at batch 2), and the quadtree run is really variable: it differs from a uniform one."""
+    t = tiny(name)
+    outs = {}
+    for mode, n in (("grid", 1), ("quadtree", 2)):
+        out, lat, shapes = tiled_run(pack, fx, t, mode, n)
+        assert same_shape(out, lat) and torch.isfinite(out).all(), (mode, n)
+        for s in shapes:
+            h, w = s[-2:]
+            assert h % t.patch[0] == 0 and w % t.patch[1] == 0 and (h, w) != tuple(lat.shape[-2:])
+            if t.frames is not None:
+                assert s[2] == t.frames
+        outs[mode] = out
+    uniform, _, _ = tiled_run(pack, fx, t, "quadtree", 2, variable_denoise="off")
+    assert not torch.equal(outs["quadtree"], uniform), "variable denoise changed nothing"

@@ -1,0 +1,245 @@
+"""ComfyUI's model-patch controls per tile (issue 12): the patches of ``comfy_extras/nodes_model_patch.py``
+live in the model's ``transformer_options['patches']``, not in the cond's ``control``.
+
+* Qwen-Image DiffSynth ControlNet (``QwenImageDiffsynthControlnet``): each tile's patch encodes its own
+  crop of the control image.  A recording subclass of ComfyUI's own patch logs, at every model call,
+  the control image it holds next to the model input; each input row's window is recovered from a
+  position-coded latent, and the patch's image row must be the control image's crop under it, at
+  tile batch 1 and 4.  One tile equals untiled.
+* USO style projector (``USOStyleReference``): its style tokens are prepended per model-input row,
+  so a tile batch needs them once per row (untiled it works for one row only).
+* Z-Image Fun ControlNet (``ZImageFunControlnet``, where this ComfyUI has it): the same per-tile crop
+  as DiffSynth through its own (different) patch class.
+"""
+import types
+
+import pytest
+import torch
+
+import qtd_families as fam
+
+LAT = 16            # latent side; 8 px per latent px
+TILE = 8
+
+
+class LatentVAE16:
+    """A 16-channel, 8x stand-in VAE (Qwen/Wan-shaped: encode returns [B, 16, 1, h, w]); a fixed
+    linear map of the 8x8 block means, so a crop's encoding is the crop of the encoding."""
+
+    def __init__(self, channels=16, video=True):
+        g = torch.Generator().manual_seed(3)
+        self.map = torch.randn(channels, 3, generator=g)
+        self.video = video
+        self.encoded = []
+
+    def spacial_compression_encode(self):
+        return 8
+
+    def encode(self, image):
+        self.encoded.append(tuple(image.shape))
+        px = image[..., :3].movedim(-1, 1).float()
+        lat = torch.einsum("lc,bchw->blhw", self.map, torch.nn.functional.avg_pool2d(px, 8) * 2 - 1)
+        return lat.unsqueeze(2) if self.video else lat
+
+
+def position_image(h, w):
+    """IMAGE [1, h, w, 3]: R = row / h, G = column / w, B = 0.5 (every crop knows where it came from)."""
+    ys = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w) / h
+    xs = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w) / w
+    return torch.stack([ys, xs, torch.full((h, w), 0.5)], dim=-1)[None]
+
+
+def position_latent(channels, h=LAT, w=LAT):
+    """A latent whose channels 0/1 are 10 x row / 10 x column: a tile input tells its window."""
+    lat = torch.zeros(1, channels, h, w)
+    lat[:, 0] = 10.0 * torch.arange(h, dtype=torch.float32)[:, None]
+    lat[:, 1] = 10.0 * torch.arange(w, dtype=torch.float32)[None, :]
+    return lat
+
+
+def window_of(row, canvas):
+    """(y0, x0) of the h x w window of ``canvas`` [C, H, W] closest to ``row`` [C, h, w] (channels 0-1)."""
+    h, w = row.shape[-2:]
+    best = None
+    for y in range(canvas.shape[-2] - h + 1):
+        for x in range(canvas.shape[-1] - w + 1):
+            d = (row[:2] - canvas[:2, y:y + h, x:x + w]).abs().mean().item()
+            if best is None or d < best[0]:
+                best = (d, y, x)
+    return best[1], best[2]
+
+
+def recording(patch, log):
+    """Turn ComfyUI's ``patch`` into an instance of a subclass that logs (its image, the model input) per call."""
+    base = type(patch)
+
+    class Recording(base):
+        def __call__(self, kwargs, *a, **kw):
+            if kwargs.get("block_index", 0) == 0:
+                log.append((getattr(self, "image", None), kwargs["x"].detach().clone()))
+            return base.__call__(self, kwargs, *a, **kw)
+
+    patch.__class__ = Recording
+    return patch
+
+
+def tiled(pack, fx, model, **kw):
+    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
+    args.update(model=model, method="Mixture of Diffusers", tile_width=TILE * 8, tile_height=TILE * 8,
+                tile_overlap=32, tile_batch_size=1)
+    args.update(kw)
+    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+
+
+# --------------------------------------------------------------------------- Qwen-Image DiffSynth
+
+def qwen_with_diffsynth(fx, log=None):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy_extras.nodes_model_patch as nmp
+    t = fam.tiny("QwenImage")
+    net = nmp.QwenImageBlockWiseControlNet(num_layers=1, in_dim=64, additional_in_dim=0, dim=64,
+                                           operations=comfy.ops.manual_cast)
+    fx.init_module_(net, seed=11)
+    mp = comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    image = position_image(LAT * 8, LAT * 8)
+    with torch.no_grad():       # as ComfyUI runs nodes
+        (model,) = nmp.QwenImageDiffsynthControlnet().diffsynth_controlnet(model=t.model, model_patch=mp,
+                                                                           vae=LatentVAE16(), image=image, strength=1.0)
+    if log is not None:
+        for p in model.model_options["transformer_options"]["patches"]["double_block"]:
+            recording(p, log)
+    return t, model, image
+
+
+@pytest.mark.parametrize("tile_batch", [1, 4])
+def test_diffsynth_patch_sees_its_tile(pack, fx, tile_batch):
+    log = []
+    t, model, image = qwen_with_diffsynth(fx, log)
+    lat = position_latent(16).unsqueeze(2)          # [1, 16, 1, h, w], as ComfyUI gives Qwen-Image
+    out = fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=tile_batch), t.positive, t.negative, lat,
+                          steps=2, cfg=3.0, denoise=0.02)
+    assert torch.isfinite(out).all()
+    canvas = model.model.process_latent_in(lat)[0, :, 0]   # what the model is given (Wan21 latent format)
+    seen = set()
+    assert log
+    for img, x in log:
+        rows = x.shape[0]
+        h, w = x.shape[-2:]
+        assert (h, w) == (TILE, TILE)
+        assert img.shape[0] in (1, rows) and tuple(img.shape[1:3]) == (h * 8, w * 8), \
+            f"the patch holds a {tuple(img.shape)} image for {rows} rows of {h}x{w} latent px"
+        for r in range(rows):
+            y0, x0 = window_of(x[r, :, 0] if x.ndim == 5 else x[r], canvas)
+            seen.add((y0, x0))
+            expected = image[0, y0 * 8:(y0 + h) * 8, x0 * 8:(x0 + w) * 8]
+            got = img[r if img.shape[0] == rows else 0]
+            assert torch.equal(got, expected), f"row {r} of a {rows}-row call: not the crop at {(y0, x0)}"
+        if tile_batch == 4 and rows > 2:
+            assert img.shape[0] == rows
+    assert seen == {(y, x) for y in (0, 4, 8) for x in (0, 4, 8)}, seen
+
+
+def test_diffsynth_one_tile_equals_untiled(pack, fx):
+    t, model, _ = qwen_with_diffsynth(fx)
+    lat = position_latent(16) / 50
+    ref = fx.run_ksampler(model, t.positive, t.negative, lat, steps=2, cfg=3.0, denoise=0.8)
+    one = fx.run_ksampler(tiled(pack, fx, model, tile_width=LAT * 8, tile_height=LAT * 8, tile_overlap=0),
+                          t.positive, t.negative, lat, steps=2, cfg=3.0, denoise=0.8)
+    assert torch.equal(one, ref)
+
+
+def test_diffsynth_patch_left_unchanged(pack, fx):
+    """The per-tile copies never write to the model's own patch (its encoding stays the canvas one)."""
+    t, model, image = qwen_with_diffsynth(fx)
+    (p,) = model.model_options["transformer_options"]["patches"]["double_block"]
+    before = (p.image, p.encoded_image, p.encoded_image_size)
+    fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=4), t.positive, t.negative, position_latent(16) / 50,
+                    steps=2, cfg=3.0, denoise=0.5)
+    assert p.image is before[0] and p.encoded_image is before[1] and p.encoded_image_size == before[2]
+
+
+# --------------------------------------------------------------------------- USO style projector
+
+def flux_with_uso(fx):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy_extras.nodes_model_patch as nmp
+    t = fam.tiny("Flux")
+    proj = nmp.SigLIPMultiFeatProjModel(siglip_token_nums=6, style_token_nums=3, siglip_token_dims=16,
+                                        hidden_size=64, operations=comfy.ops.manual_cast)
+    fx.init_module_(proj, seed=12)
+    mp = comfy.model_patcher.ModelPatcher(proj, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    hidden = torch.randn(1, 24, 6, 16, generator=torch.Generator().manual_seed(4))
+    cv = types.SimpleNamespace(all_hidden_states=hidden, penultimate_hidden_states=hidden[:, -2])
+    with torch.no_grad():
+        (model,) = nmp.USOStyleReference().apply_patch(model=t.model, model_patch=mp, clip_vision_output=cv)
+    return t, model
+
+
+def test_uso_style_tokens_per_tile_row(pack, fx):
+    """cfg 1 (one row untiled, as USO needs): tiled at tile batch 4 every row gets the style tokens, and
+    one tile equals untiled."""
+    t, model = flux_with_uso(fx)
+    lat = torch.randn(1, 16, LAT, LAT, generator=torch.Generator().manual_seed(2))
+    ref = fx.run_ksampler(model, t.positive, t.negative, lat, steps=2, cfg=1.0, denoise=0.8)
+    one = fx.run_ksampler(tiled(pack, fx, model, tile_width=LAT * 8, tile_height=LAT * 8, tile_overlap=0),
+                          t.positive, t.negative, lat, steps=2, cfg=1.0, denoise=0.8)
+    assert torch.equal(one, ref)
+    out = fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=4), t.positive, t.negative, lat, steps=2, cfg=1.0,
+                          denoise=0.8)
+    assert out.shape == lat.shape and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- Z-Image Fun ControlNet
+
+def zimage_with_fun_controlnet(fx, log=None):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy_extras.nodes_model_patch as nmp
+    if not hasattr(nmp, "ZImageFunControlnet"):
+        pytest.skip("this ComfyUI has no Z-Image Fun ControlNet patch")
+    import comfy.ldm.lumina.controlnet as zc
+    t = fam.tiny("ZImage")
+    dm = t.model.model.diffusion_model
+    net = zc.ZImage_Control(dim=dm.dim, n_heads=dm.n_heads, n_kv_heads=dm.n_heads, multiple_of=16,
+                            ffn_dim_multiplier=1.0, n_control_layers=1, control_in_dim=16,
+                            operations=comfy.ops.manual_cast)
+    fx.init_module_(net, seed=13)
+    mp = comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    image = position_image(LAT * 8, LAT * 8)
+    with torch.no_grad():
+        (model,) = nmp.ZImageFunControlnet().diffsynth_controlnet(model=t.model, model_patch=mp,
+                                                                  vae=LatentVAE16(video=False), image=image,
+                                                                  strength=1.0)
+    if log is not None:
+        seen = set()
+        for lst in model.model_options["transformer_options"]["patches"].values():
+            for p in lst:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    recording(p, log)
+    return t, model, image
+
+
+@pytest.mark.parametrize("tile_batch", [1, 4])
+def test_zimage_fun_controlnet_sees_its_tile(pack, fx, tile_batch):
+    log = []
+    t, model, image = zimage_with_fun_controlnet(fx, log)
+    lat = position_latent(16)
+    out = fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=tile_batch), t.positive, t.negative, lat,
+                          steps=2, cfg=3.0, denoise=0.02)
+    assert torch.isfinite(out).all()
+    assert log
+    canvas = model.model.process_latent_in(lat)[0]
+    for img, x in log:
+        rows = x.shape[0]
+        h, w = x.shape[-2:]
+        assert img.shape[0] in (1, rows) and tuple(img.shape[1:3]) == (h * 8, w * 8)
+        for r in range(rows):
+            y0, x0 = window_of(x[r], canvas)
+            got = img[r if img.shape[0] == rows else 0]
+            assert torch.equal(got, image[0, y0 * 8:(y0 + h) * 8, x0 * 8:(x0 + w) * 8])
