@@ -48,7 +48,8 @@ def _resblock_problem(block, m) -> str | None:
 def _attn_problem(attn, m) -> str | None:
     if type(attn) is not m.AttnBlock:
         return f"a {type(attn).__name__} attention block"
-    if not (_norm_ok(attn.norm) and all(_conv_ok(getattr(attn, k, None), 1, 1, 0) for k in ("q", "k", "v", "proj_out"))):
+    projections = [getattr(attn, k, None) for k in ("q", "k", "v", "proj_out")]
+    if not (_norm_ok(attn.norm) and all(_conv_ok(p, 1, 1, 0) for p in projections)):
         return "an attention block with other layers"
     return None
 
