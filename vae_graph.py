@@ -100,7 +100,7 @@ def unsupported_reason(vae, which: str) -> str | None:
     m = _model_module()
     fsm = getattr(vae, "first_stage_model", None)
     if fsm is None or not isinstance(fsm, ae.AutoencodingEngine):
-        return f"its model is a {type(fsm).__name__}, not ComfyUI's AutoencoderKL-style Encoder/Decoder"
+        return f"its model ({type(fsm).__name__}) is not ComfyUI's AutoencoderKL-style Encoder/Decoder"
     if getattr(vae, "latent_dim", 2) != 2 or getattr(vae, "extra_1d_channel", None) is not None:
         return "it is a video/audio VAE"
     method = getattr(type(fsm), which)
