@@ -48,7 +48,8 @@ def _resblock_problem(block, m) -> str | None:
 def _attn_problem(attn, m) -> str | None:
     if type(attn) is not m.AttnBlock:
         return f"a {type(attn).__name__} attention block"
-    if not (_norm_ok(attn.norm) and all(_conv_ok(getattr(attn, k, None), 1, 1, 0) for k in ("q", "k", "v", "proj_out"))):
+    projections = [getattr(attn, k, None) for k in ("q", "k", "v", "proj_out")]
+    if not (_norm_ok(attn.norm) and all(_conv_ok(p, 1, 1, 0) for p in projections)):
         return "an attention block with other layers"
     return None
 
@@ -99,7 +100,7 @@ def unsupported_reason(vae, which: str) -> str | None:
     m = _model_module()
     fsm = getattr(vae, "first_stage_model", None)
     if fsm is None or not isinstance(fsm, ae.AutoencodingEngine):
-        return f"its model is a {type(fsm).__name__}, not ComfyUI's AutoencoderKL-style Encoder/Decoder"
+        return f"its model ({type(fsm).__name__}) is not ComfyUI's AutoencoderKL-style Encoder/Decoder"
     if getattr(vae, "latent_dim", 2) != 2 or getattr(vae, "extra_1d_channel", None) is not None:
         return "it is a video/audio VAE"
     method = getattr(type(fsm), which)

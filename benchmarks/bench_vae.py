@@ -225,8 +225,9 @@ class Bench:
                 self.results["runs"].append(self.run_one("decode", size, method, fn, img_ref, img64)[1])
             hd, he = self.host_plan(size)
             self.results.setdefault("host_plan", {})[size] = {"decode": hd, "encode": he}
+            mp = size * size / 1e6
             print(f"host maps (exact): decode {hd / 2 ** 20:.1f} MiB, encode {he / 2 ** 20:.1f} MiB "
-                  f"({hd / (size * size / 1e6) / 2 ** 20:.0f} / {he / (size * size / 1e6) / 2 ** 20:.0f} MiB per megapixel)")
+                  f"({hd / mp / 2 ** 20:.0f} / {he / mp / 2 ** 20:.0f} MiB per megapixel)")
         self.report()
 
     def get(self, kind, size, method):
@@ -238,7 +239,8 @@ class Bench:
     def report(self):
         lines = [f"VAE `{self.args.vae}` ({self.args.dtype}) on {self.results['device']}, tile_size {self.tile} px; "
                  f"errors against ComfyUI's untiled VAEEncode/VAEDecode (image 0..1, latent units).", "",
-                 "| op | size | method | max err | mean err | max err vs fp64 | time s | largest conv input (M elements) | device peak MiB |",
+                 "| op | size | method | max err | mean err | max err vs fp64 | time s "
+                 "| largest conv input (M elements) | device peak MiB |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in self.results["runs"]:
             if r["status"] != "ok":
