@@ -88,9 +88,19 @@ def unet_class(model_base_cls):
     return None
 
 
+# Buffers ComfyUI allocates with torch.empty and fills from the checkpoint (SD3's positional table,
+# SeedVR2's stored prompt embeddings): uninitialised memory, possibly NaN, unless the fixture fills them.
+EMPTY_BUFFERS = ("pos_embed", "positive_conditioning", "negative_conditioning")
+
+
+@torch.no_grad()
 def seeded(model, seed=0, gain=1.0):
-    """Fill the diffusion model's weights deterministically, eval mode, float32."""
+    """Fill the diffusion model's weights (and :data:`EMPTY_BUFFERS`) deterministically, eval mode."""
     fx.init_module_(model.diffusion_model, seed, gain=gain)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, buf in model.diffusion_model.named_buffers():
+        if name.split(".")[-1] in EMPTY_BUFFERS and buf.is_floating_point():
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
     model.eval()
     return model
 
@@ -843,7 +853,8 @@ def _ltxav(cls):
     # the audio-video model on a video latent (a joint audio-video latent is a packed 1-D sequence: refused)
     cfg = dict(image_model="ltxav", in_channels=128, audio_in_channels=128, cross_attention_dim=64,
                audio_cross_attention_dim=64, attention_head_dim=32, audio_attention_head_dim=16,
-               num_attention_heads=2, audio_num_attention_heads=2, caption_channels=64, num_layers=1)
+               num_attention_heads=2, audio_num_attention_heads=2, caption_channels=64, num_layers=1,
+               connector_attention_head_dim=16, connector_num_attention_heads=2, connector_num_layers=1)
     m = build(cls, cfg)
     # text already through its connectors: video (64) + audio (64) features
     pos, neg = conds(128, frame_rate=25, attention_mask=torch.ones(1, 8, dtype=torch.long))

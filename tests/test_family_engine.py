@@ -17,6 +17,8 @@ import torch
 
 import qtd_families as fam
 
+pytestmark = pytest.mark.usefixtures("single_thread")     # tiny models: see conftest
+
 
 def tiled(pack, fx, model, **kw):
     args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)

@@ -22,6 +22,8 @@ import torch
 
 import qtd_families as fam
 
+pytestmark = pytest.mark.usefixtures("single_thread")     # tiny models: see conftest
+
 FAMILIES = [m.__name__ for m in comfy.supported_models.models]
 
 # The families the issue names; "Anima" is its own class on newer ComfyUI, Cosmos Predict2 on 0.3.x.
