@@ -141,6 +141,12 @@ def conds(dim: int, tokens: int = 8, pooled: int | None = None, **extra):
     return out[0], out[1]
 
 
+def mask(h=128, w=128, frames=None, seed=8):
+    """An inpainting mask (1 = regenerate) at pixel resolution: [1, h, w], or [1, 1, frames, h, w]."""
+    m = (rand(1, h, w, seed=seed) > 0).float()
+    return m if frames is None else m[:, None, None].expand(1, 1, frames, h, w).contiguous()
+
+
 def latent(fmt, h=16, w=16, frames=None):
     ch = fmt.latent_channels
     if frames is None:
@@ -352,7 +358,8 @@ def _cosmos_predict2(cls):
                adaln_lora_dim=16, rope_h_extrapolation_ratio=1.0, rope_w_extrapolation_ratio=1.0,
                rope_t_extrapolation_ratio=1.0, extra_per_block_abs_pos_emb=False, rope_enable_fps_modulation=False)
     m = build(cls, cfg)
-    pos, neg = conds(64)
+    extra = {"concat_mask": mask(frames=1)} if in_ch > 16 else {}       # I2V: mask_inverted + timesteps per frame
+    pos, neg = conds(64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
 
 
@@ -363,7 +370,9 @@ def _ltxv(cls):
     cfg = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32,
                num_attention_heads=2, caption_channels=64, num_layers=1)
     m = build(cls, cfg)
-    pos, neg = conds(64, frame_rate=25, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    # a conditioning mask (per-token timesteps from the cropped mask)
+    pos, neg = conds(64, frame_rate=25, attention_mask=torch.ones(1, 8, dtype=torch.long),
+                     concat_mask=mask(16, 16, frames=2))
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(1, 1), frames=2)
 
 
@@ -569,6 +578,9 @@ def _hunyuan_video15(cls):
                        use_cond_type_embedding=True, meanflow=sr)
     m = build(cls, cfg)
     pos, neg = conds(64, pooled=64, conditioning_byt5small=lambda s: rand(1, 4, 1472, seed=s + 30))
+    if not sr:          # image-to-video: the start image latent and its mask, concatenated
+        for c in (pos, neg):
+            c[0][1].update(concat_latent_image=rand(1, 32, 2, 16, 16, seed=7), concat_mask=mask(frames=2))
     if sr:
         for c in (pos, neg):
             c[0][1]["concat_latent_image"] = rand(1, 66, 2, 16, 16, seed=7)
@@ -595,7 +607,8 @@ def _cosmos1(cls):
                affline_emb_norm=True, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=True,
                extra_per_block_abs_pos_emb_type="learnable")
     m = build(cls, cfg)
-    pos, neg = conds(64, frame_rate=24, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    extra = {"concat_mask": mask(frames=2)} if in_ch > 16 else {}       # I2V: the inverted mask, concatenated
+    pos, neg = conds(64, frame_rate=24, attention_mask=torch.ones(1, 8, dtype=torch.long), **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2)
 
 
@@ -609,6 +622,10 @@ def _wan_i2v(cls):
     m = build(cls, cfg)
     # I2V / camera: start image latent (+ 4 mask channels the model adds); Fun-Control: control video + image
     extra = {"concat_latent_image": rand(1, 32 if in_dim == 48 else 16, 3, 16, 16, seed=7)}
+    if cls.__name__ == "WAN21_I2V":     # an inpainting mask and CLIP-vision image tokens (whole per tile)
+        import types
+        extra.update(concat_mask=mask(frames=3),
+                     clip_vision_output=types.SimpleNamespace(penultimate_hidden_states=rand(1, 4, 1280, seed=6)))
     if mt.startswith("camera"):     # camera: Plucker embeddings per pixel (8x the latent), cropped per tile
         extra["camera_conditions"] = rand(1, 24, 3, 128, 128, seed=8, scale=0.1)
     pos, neg = conds(64, **extra)
@@ -807,7 +824,8 @@ def _kandinsky5(cls):
                time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=(16 if image else 33) * 4, patch_size=(1, 2, 2),
                num_text_blocks=1, num_visual_blocks=1, axes_dims=(8, 12, 12))
     m = build(cls, cfg)
-    pos, neg = conds(64, pooled=64, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    extra = {} if image else {"concat_mask": mask(frames=2)}
+    pos, neg = conds(64, pooled=64, attention_mask=torch.ones(1, 8, dtype=torch.long), **extra)
     frames = 1 if image else 2
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=None if image else frames), patch=(2, 2),
                 frames=None if image else frames)
