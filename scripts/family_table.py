@@ -84,23 +84,24 @@ def facts():
 
 
 def merge(paths):
-    runs = [json.load(open(p)) for p in paths]
-    names = list(dict.fromkeys(n for r in runs for n in r))
-    lines = ["| family | ComfyUI | latent (compression) | patch | tested | native size = recommended tile |",
-             "|---|---|---|---|---|---|"]
+    """The markdown table over several runs (file names out-<version>.json give the version labels)."""
+    label = lambda p: os.path.basename(p)[:-len(".json")].replace("out-", "")       # noqa: E731
+    runs = [(label(p), json.load(open(p))) for p in paths]
+    names = list(dict.fromkeys(n for _, r in runs for n in r))
+    lines = ["| family | ComfyUI | latent format (compression) | patch (latent px) | tested | recommended tile "
+             "(native size, px) |", "|---|---|---|---|---|---|"]
     for n in names:
-        rows = [r.get(n) for r in runs]
-        have = [r for r in rows if r]
-        versions = ", ".join(os.path.basename(p).split(".")[0].replace("out-", "") for p, r in zip(paths, rows) if r)
-        r = have[-1]
+        have = [(v, r[n]) for v, r in runs if n in r]
+        versions = ", ".join(v for v, _ in have)
+        r = have[-1][1]
         st = r["status"]
-        tested = "yes (" + versions + ")" if st == "tested" else st
-        patch = f"{r['patch']}" if "patch" in r else "-"
-        if r.get("min_tile", 1) > 1:
-            patch += f", tiles >= {r['min_tile'] * r['compression']} px"
+        tested = "yes" if st == "tested" else "no: " + st
+        patch = str(r.get("patch", "-"))
+        if r.get("min_tile", 1) > r.get("patch", 1):
+            patch += f"; tiles >= {r['min_tile'] * r['compression']} px"
         kind = " (video)" if r.get("frames") else ""
         lines.append(f"| {n}{kind} | {versions} | {r['format']} ({r['compression']}x) | {patch} | {tested} | "
-                     f"{NATIVE.get(n, '-')} |")
+                     f"{NATIVE.get(n, '-') if st == 'tested' else '-'} |")
     print("\n".join(lines))
 
 
