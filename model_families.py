@@ -6,16 +6,20 @@ nothing:
 
 * **latent patch** (:func:`spatial_patch`): latent px per token side.  Diffusion models call it
   ``patch_size`` (SD3, FLUX, Wan: an int or a ``(t, h, w)`` tuple), ``patch_spatial`` (Cosmos /
-  Anima), ``patchifier.patch_size`` (LTXV), or do it with a ``PixelUnshuffle`` as the first layer
-  of their input ``embedding`` (Stable Cascade stage B: 4).  Tiles are aligned to it so the model
-  never pads a tile (Cosmos refuses unaligned sizes; most others pad silently).
+  Anima), ``patch`` (Krea 2), ``patchifier.patch_size`` (LTXV), keep it on their input embedder
+  (SeedVR2's ``vid_in``), or do it with a ``PixelUnshuffle`` as the first layer of their input
+  ``embedding`` (Stable Cascade stage B: 4).  Tiles are aligned to it so the model never pads a tile
+  (Cosmos refuses unaligned sizes; most others pad silently).
 * **minimum tile** (:func:`min_tile`): PixArt's positional embedding divides by
   ``round((h + w) / 2 / 64)`` (latent px; Python rounds half to even), zero for tiles under 33 latent
   px on average: smaller tiles are enlarged.
 * **conditioning**: which model inputs are references (given whole to every tile even when they have
   the canvas's size, :data:`WHOLE_KEYS`) and which are spatial at another scale that the model
-  resamples to the latent (:data:`RESAMPLED_KEYS`: Stable Cascade stage B's ``effnet``): resampling
-  them to the canvas once, as the model would, makes each tile's crop exact.
+  resamples to its token grid (:data:`RESAMPLED`: Stable Cascade stage B's ``effnet``, PixelDiT
+  PiD's ``lq_latent``): resampling them to the canvas's token grid once, as the model would, makes
+  each tile's crop exactly what the model makes of it for that tile.
+* **untileable** (:data:`UNTILEABLE`): a family whose conditioning encodes the canvas's token layout
+  is refused with a clear error (:func:`check_tileable`) instead of failing inside the model.
 """
 from __future__ import annotations
 
@@ -24,22 +28,51 @@ import torch
 # Model inputs that are context for the whole picture, never a canvas: given whole to every tile
 # (repeated per tile row), even when their last two dims happen to have the canvas's proportions.
 #   ref_latents          FLUX Kontext / Flux.2 / Qwen-Image-Edit / Omnigen2 reference images (a list)
-#   reference_latent     Wan reference image (tokens of its own, through ref_conv / patch embedding)
+#   reference_latent     Wan reference image (tokens of its own, through ref_conv / patch embedding;
+#                        but see SPATIAL_FOR: SCAIL concatenates it to the latent as frames)
 #   encoder_hidden_states_llama3  HiDream per-layer text tokens [B, layers, tokens, dim]
 #   face_pixel_values    Wan-Animate face crops [B, 3, T, 512, 512]
 #   clip_fea             CLIP-vision tokens (Wan, HunyuanVideo 1.5)
 WHOLE_KEYS = frozenset({"ref_latents", "reference_latent", "encoder_hidden_states_llama3", "face_pixel_values",
                         "clip_fea"})
 
-# Spatial inputs at another scale that the model resamples to its (embedded) latent itself:
-# key -> (torch interpolate mode, align_corners).  Stable Cascade stage B upsamples ``effnet`` (the
-# stage-C latent, ~1/10.7 of its own) bilinearly to the latent after its 4x4 PixelUnshuffle.
-RESAMPLED_KEYS = {"effnet": ("bilinear", True)}
+# Inputs of WHOLE_KEYS that a model class uses as part of its canvas (concatenated to the latent along
+# time, so they must have the tile's size): class name -> keys.
+SPATIAL_FOR = {"SCAILWanModel": frozenset({"reference_latent"})}
+
+
+
+def _effnet_size(dm, H: int, W: int, p: int):
+    """Stable Cascade stage B: ``effnet`` (the stage-C latent, ~1/10.7 of its latent) is upsampled
+    bilinearly (align_corners) to the latent after its p x p PixelUnshuffle: (H/p, W/p)."""
+    return (max(1, H // p), max(1, W // p)), "bilinear", True
+
+
+def _pid_lq_size(dm, H: int, W: int, p: int):
+    """PixelDiT PiD: ``lq_latent`` is resized (nearest) to the token grid (H/p, W/p), or to f x that grid
+    and folded when a latent px is smaller than a patch; None (left alone) for packed latents."""
+    lq = getattr(dm, "lq_proj", None)
+    if lq is None or getattr(lq, "latent_unpatchify_factor", 1) > 1:
+        return None
+    f = 1 if getattr(lq, "z_to_patch_ratio", 1) >= 1 else int(getattr(lq, "latent_fold_factor", 1))
+    return (max(1, H // p) * f, max(1, W // p) * f), "nearest", None
+
+
+# Spatial inputs at another scale that the model resamples to its token grid itself:
+# (diffusion-model class name, key) -> fn(diffusion_model, H, W, patch) -> (size, mode, align_corners) or None.
+RESAMPLED = {("StageB", "effnet"): _effnet_size, ("PidNet", "lq_latent"): _pid_lq_size}
+
+# Families whose conditioning encodes the canvas's token layout, so a tile cannot be sampled with it:
+# diffusion-model class name -> why.
+UNTILEABLE = {
+    "HiDreamO1Transformer": "HiDream-O1 builds its text+image token sequence (input ids, positions, masks) for the "
+                            "canvas's size when the prompt is encoded, and a tile has another size",
+}
 
 # Smallest tile side (latent px) a diffusion-model class takes, by class name.
 MIN_TILE = {"PixArtMS": 33}
 
-PATCH_ATTRS = ("patch_size", "patch_spatial")
+PATCH_ATTRS = ("patch_size", "patch_spatial", "patch")
 
 
 def _side(v) -> int | None:
@@ -62,6 +95,11 @@ def spatial_patch(base_model) -> int:
     p = _side(getattr(getattr(dm, "patchifier", None), "patch_size", None))
     if p:
         return p
+    for name, child in dm.named_children():      # the input embedder (SeedVR2: vid_in)
+        if name.endswith("_in") or "embed" in name:
+            p = _side(getattr(child, "patch_size", None))
+            if p:
+                return p
     emb = getattr(dm, "embedding", None)
     first = emb[0] if isinstance(emb, torch.nn.Sequential) and len(emb) else None
     if isinstance(first, torch.nn.PixelUnshuffle):
@@ -71,30 +109,50 @@ def spatial_patch(base_model) -> int:
 
 def min_tile(base_model) -> int:
     """Smallest tile side in latent px the model takes (:data:`MIN_TILE`), on its patch grid; 1 if any."""
-    dm = getattr(base_model, "diffusion_model", None)
-    m = max((v for k, v in MIN_TILE.items() if any(c.__name__ == k for c in type(dm).__mro__)), default=1)
+    names = _classes(base_model)
+    m = max((v for k, v in MIN_TILE.items() if k in names), default=1)
     p = spatial_patch(base_model)
     return -(-m // p) * p
 
 
-def is_whole(key: str) -> bool:
-    return key in WHOLE_KEYS
+def _classes(base_model) -> list[str]:
+    return [c.__name__ for c in type(getattr(base_model, "diffusion_model", None)).__mro__]
+
+
+def whole_keys(base_model) -> frozenset:
+    """The model inputs this model gets whole in every tile: :data:`WHOLE_KEYS` less what its class
+    uses as canvas (:data:`SPATIAL_FOR`)."""
+    spatial = frozenset().union(*(SPATIAL_FOR.get(n, frozenset()) for n in _classes(base_model)))
+    return WHOLE_KEYS - spatial
 
 
 def canvas_cond(c: dict, base_model, H: int, W: int) -> dict:
-    """The model kwargs with every :data:`RESAMPLED_KEYS` input resampled to the canvas the way the
-    model resamples it (to H/p x W/p, p its patch), so a tile's crop of it is what the model would
-    resample for that tile: v' = interpolate(v, (H/p, W/p), mode, align_corners)."""
-    hit = [k for k in RESAMPLED_KEYS if torch.is_tensor(c.get(k)) and c[k].ndim == 4]
+    """The model kwargs with every :data:`RESAMPLED` input resampled to the canvas's token grid the way
+    the model resamples it: v' = interpolate(v, size(H, W), mode, align_corners).  A tile's crop of v'
+    (at its scale, which the windows' patch alignment makes whole) is then already at the tile's grid,
+    where the model's own resampling is the identity: each tile sees what the canvas call would."""
+    names = _classes(base_model)
+    hit = [(k, fn) for (cls, k), fn in RESAMPLED.items()
+           if cls in names and torch.is_tensor(c.get(k)) and c[k].ndim == 4]
     if not hit:
         return c
+    dm = base_model.diffusion_model
     p = spatial_patch(base_model)
-    size = (max(1, H // p), max(1, W // p))
     out = dict(c)
-    for k in hit:
-        mode, corners = RESAMPLED_KEYS[k]
-        v = c[k]
-        if tuple(v.shape[-2:]) != size:
-            out[k] = torch.nn.functional.interpolate(v, size=size, mode=mode, align_corners=corners)
+    for k, fn in hit:
+        spec = fn(dm, H, W, p)
+        if spec is None:
+            continue
+        size, mode, corners = spec
+        if tuple(c[k].shape[-2:]) != size:
+            out[k] = torch.nn.functional.interpolate(c[k], size=size, mode=mode, align_corners=corners)
     return out
+
+
+def check_tileable(base_model) -> None:
+    """Refuse a model in :data:`UNTILEABLE` with a clear error naming it and the fix."""
+    for name in _classes(base_model):
+        if name in UNTILEABLE:
+            raise ValueError(f"model: Quadtree Diffusion cannot tile this model ({name}): {UNTILEABLE[name]}; "
+                             f"remove Quadtree Diffusion for this model")
 

@@ -220,14 +220,14 @@ def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = T
     return map_tensors(v, one)
 
 
-def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int, cache=None) -> dict:
-    """The model kwargs for a batch of tiles (see :func:`tile_value`)."""
+def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int, cache=None, whole=mf.WHOLE_KEYS) -> dict:
+    """The model kwargs for a batch of tiles (see :func:`tile_value`); keys in ``whole`` are never cropped."""
     out = {}
     for key, v in c.items():
         if key == "transformer_options" or hasattr(v, "tile_control"):
             out[key] = v    # deferred control is computed per tile batch in TiledDiffusion._evaluate
         else:
-            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=not mf.is_whole(key), cache=cache)
+            out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in whole, cache=cache)
     return out
 
 
@@ -605,6 +605,7 @@ class TiledDiffusion:
         ``force_offload=``, ...) is passed on unchanged.
         """
         check_latent(model.model, noise_shape)
+        mf.check_tileable(model.model)
         try:
             base = model.model
             c, a = latent_compression(base), latent_patch_size(base)
@@ -852,6 +853,7 @@ class TiledDiffusion:
         out = torch.zeros_like(x)
         ov = out.reshape(n_chunks, B, *x.shape[1:])
         c = mf.canvas_cond(c, model.base, H, W)
+        whole = mf.whole_keys(model.base)
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
         for group in plan.groups(evaluated, windows):
@@ -864,7 +866,7 @@ class TiledDiffusion:
                 xt = torch.stack([xv[..., wi.y0:wi.y1, wi.x0:wi.x1] for wi in wins], dim=1)
                 xt = xt.reshape(-1, *xt.shape[3:])
                 tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
-                ct = tile_cond(c, wins, n_chunks, N, H, W, rep)
+                ct = tile_cond(c, wins, n_chunks, N, H, W, rep, whole)
                 if prompts is not None:
                     ct = tcond.apply(ct, wins, H, W, n_chunks, B, prompts)
                 tb = TileBatch(tuple(wins), H, W, n_chunks)

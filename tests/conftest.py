@@ -99,3 +99,16 @@ def fresh_comfy_server(tmp_path):
     """A server of its own for one test (use sparingly: startup takes ~10-30 s)."""
     with qtd_server.ComfyServer(str(tmp_path / "comfy")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one CPU thread for a module of tiny-model tests (restored afterwards): their tensors are
+    so small that thread hand-offs cost more than the maths, several times more on a shared machine."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

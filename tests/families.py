@@ -61,8 +61,12 @@ EXCLUDED = {
     "DepthAnything3": "depth estimator (no sampling: nothing for Quadtree Diffusion to tile)",
 }
 
-# Families the matrix knows it cannot sample yet, with what is missing (the test xfails with it).
-XFAIL: dict = {}
+# Families the matrix knows it cannot sample tiled yet, with what is missing (the test xfails with it).
+XFAIL = {
+    "HiDreamO1": "its conditioning (input ids with one placeholder per image token, MRoPE positions, token types, "
+                 "vision masks) is built in extra_conds for the canvas's token grid; tiles need it rebuilt for each "
+                 "tile size, which the engine does not do yet (it refuses the model with a clear error instead)",
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,9 +88,19 @@ def unet_class(model_base_cls):
     return None
 
 
+# Buffers ComfyUI allocates with torch.empty and fills from the checkpoint (SD3's positional table,
+# SeedVR2's stored prompt embeddings): uninitialised memory, possibly NaN, unless the fixture fills them.
+EMPTY_BUFFERS = ("pos_embed", "positive_conditioning", "negative_conditioning")
+
+
+@torch.no_grad()
 def seeded(model, seed=0, gain=1.0):
-    """Fill the diffusion model's weights deterministically, eval mode, float32."""
+    """Fill the diffusion model's weights (and :data:`EMPTY_BUFFERS`) deterministically, eval mode."""
     fx.init_module_(model.diffusion_model, seed, gain=gain)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, buf in model.diffusion_model.named_buffers():
+        if name.split(".")[-1] in EMPTY_BUFFERS and buf.is_floating_point():
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
     model.eval()
     return model
 
@@ -127,6 +141,12 @@ def conds(dim: int, tokens: int = 8, pooled: int | None = None, **extra):
     return out[0], out[1]
 
 
+def mask(h=128, w=128, frames=None, seed=8):
+    """An inpainting mask (1 = regenerate) at pixel resolution: [1, h, w], or [1, 1, frames, h, w]."""
+    m = (rand(1, h, w, seed=seed) > 0).float()
+    return m if frames is None else m[:, None, None].expand(1, 1, frames, h, w).contiguous()
+
+
 def latent(fmt, h=16, w=16, frames=None):
     ch = fmt.latent_channels
     if frames is None:
@@ -136,7 +156,8 @@ def latent(fmt, h=16, w=16, frames=None):
 
 # Values of params-dataclass fields that newer ComfyUI versions require (FLUX.1/Chroma: no text id
 # axes; HunyuanVideo: no mean-flow sum); older versions lack the fields and they are dropped.
-DATACLASS_DEFAULTS = {"txt_ids_dims": [], "meanflow_sum": False}
+DATACLASS_DEFAULTS = {"txt_ids_dims": [], "meanflow_sum": False, "vec_in_dim": None, "use_x0": False,
+                      "use_sequential_txt_ids": False}
 
 
 def dataclass_config(cls, cfg, defaults=None):
@@ -337,7 +358,8 @@ def _cosmos_predict2(cls):
                adaln_lora_dim=16, rope_h_extrapolation_ratio=1.0, rope_w_extrapolation_ratio=1.0,
                rope_t_extrapolation_ratio=1.0, extra_per_block_abs_pos_emb=False, rope_enable_fps_modulation=False)
     m = build(cls, cfg)
-    pos, neg = conds(64)
+    extra = {"concat_mask": mask(frames=1)} if in_ch > 16 else {}       # I2V: mask_inverted + timesteps per frame
+    pos, neg = conds(64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
 
 
@@ -348,7 +370,9 @@ def _ltxv(cls):
     cfg = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32,
                num_attention_heads=2, caption_channels=64, num_layers=1)
     m = build(cls, cfg)
-    pos, neg = conds(64, frame_rate=25, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    # a conditioning mask (per-token timesteps from the cropped mask)
+    pos, neg = conds(64, frame_rate=25, attention_mask=torch.ones(1, 8, dtype=torch.long),
+                     concat_mask=mask(16, 16, frames=2))
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(1, 1), frames=2)
 
 
@@ -554,6 +578,9 @@ def _hunyuan_video15(cls):
                        use_cond_type_embedding=True, meanflow=sr)
     m = build(cls, cfg)
     pos, neg = conds(64, pooled=64, conditioning_byt5small=lambda s: rand(1, 4, 1472, seed=s + 30))
+    if not sr:          # image-to-video: the start image latent and its mask, concatenated
+        for c in (pos, neg):
+            c[0][1].update(concat_latent_image=rand(1, 32, 2, 16, 16, seed=7), concat_mask=mask(frames=2))
     if sr:
         for c in (pos, neg):
             c[0][1]["concat_latent_image"] = rand(1, 66, 2, 16, 16, seed=7)
@@ -580,7 +607,8 @@ def _cosmos1(cls):
                affline_emb_norm=True, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=True,
                extra_per_block_abs_pos_emb_type="learnable")
     m = build(cls, cfg)
-    pos, neg = conds(64, frame_rate=24, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    extra = {"concat_mask": mask(frames=2)} if in_ch > 16 else {}       # I2V: the inverted mask, concatenated
+    pos, neg = conds(64, frame_rate=24, attention_mask=torch.ones(1, 8, dtype=torch.long), **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2)
 
 
@@ -594,6 +622,10 @@ def _wan_i2v(cls):
     m = build(cls, cfg)
     # I2V / camera: start image latent (+ 4 mask channels the model adds); Fun-Control: control video + image
     extra = {"concat_latent_image": rand(1, 32 if in_dim == 48 else 16, 3, 16, 16, seed=7)}
+    if cls.__name__ == "WAN21_I2V":     # an inpainting mask and CLIP-vision image tokens (whole per tile)
+        import types
+        extra.update(concat_mask=mask(frames=3),
+                     clip_vision_output=types.SimpleNamespace(penultimate_hidden_states=rand(1, 4, 1280, seed=6)))
     if mt.startswith("camera"):     # camera: Plucker embeddings per pixel (8x the latent), cropped per tile
         extra["camera_conditions"] = rand(1, 24, 3, 128, 128, seed=8, scale=0.1)
     pos, neg = conds(64, **extra)
@@ -643,3 +675,205 @@ def _omnigen2(cls):
     pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long),
                      reference_latents=[rand(1, 16, 6, 4, seed=9)])
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
+
+
+# ---- families of newer ComfyUI versions (each builder only runs where ComfyUI has the family)
+
+@family("LongCatImage")
+def _longcat(cls):
+    # FLUX architecture with 3-axis text ids, no pooled vector, no guidance
+    cfg = _flux_cfg(guidance_embed=False, vec_in_dim=None, context_in_dim=64, txt_ids_dims=[1, 2])
+    m = build(cls, cfg)
+    pos, neg = conds(64)
+    return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
+
+
+@family("Lens")
+def _lens(cls):
+    # Flux.2 latents (128 channels, the 2x2 patch packed in the channels); text features of 2 encoder layers
+    cfg = dict(image_model="lens", patch_size=2, in_channels=128, out_channels=32, num_layers=1,
+               attention_head_dim=32, num_attention_heads=2, enc_hidden_dim=32, axes_dims_rope=[8, 12, 12],
+               multi_layer_encoder_feature=True, selected_layer_index=[0, 1])
+    m = build(cls, cfg)
+    pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(1, 1))
+
+
+@family("ZImagePixelSpace")
+def _zimage_pixel(cls):
+    # Z-Image in pixel space (1x): 3 channels, 16 px patches decoded by a small per-pixel decoder
+    cfg = dict(image_model="zimage_pixel", patch_size=16, in_channels=3, dim=256, n_layers=1, n_refiner_layers=1,
+               n_heads=8, n_kv_heads=8, multiple_of=16, ffn_dim_multiplier=1.0, qk_norm=True, cap_feat_dim=64,
+               axes_dims=[8, 12, 12], axes_lens=[64, 64, 64], rope_theta=256.0, z_image_modulation=True,
+               time_scale=1000.0, pad_tokens_multiple=32, decoder_hidden_size=32, decoder_num_res_blocks=1,
+               decoder_max_freqs=4, decoder_in_channels=3 * 16 * 16)
+    m = build(cls, cfg)
+    pos, neg = conds(64)
+    return Tiny(m, pos, neg, latent(m.model.latent_format, 96, 96), patch=(16, 16), tile=32)
+
+
+def _pixeldit_cfg(**kw):
+    cfg = dict(image_model="pixeldit_t2i", in_channels=3, num_groups=2, hidden_size=64, pixel_hidden_size=8,
+               pixel_attn_hidden_size=32, pixel_num_groups=2, patch_depth=1, pixel_depth=1, patch_size=16,
+               txt_embed_dim=64, txt_max_length=16)
+    cfg.update(kw)
+    return cfg
+
+
+@family("PixelDiTT2I")
+def _pixeldit(cls):
+    m = build(cls, _pixeldit_cfg())
+    pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    return Tiny(m, pos, neg, latent(m.model.latent_format, 96, 96), patch=(16, 16), tile=32)
+
+
+@family("PiD")
+def _pid(cls):
+    # PixelDiT super-resolution: the low-quality latent (1/32 of the pixels here) is spatial at another scale
+    m = build(cls, dict(_pixeldit_cfg(image_model="pid"), lq_latent_channels=16, lq_hidden_dim=32,
+                        lq_num_res_blocks=1, sr_scale=4, latent_spatial_down_factor=8))
+    pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long),
+                     lq_latent=rand(1, 16, 3, 3, seed=7), degrade_sigma=torch.zeros(1))
+    return Tiny(m, pos, neg, latent(m.model.latent_format, 96, 96), patch=(16, 16), tile=32)
+
+
+@family("WAN21_CausalAR_T2V", "WAN21_FlowRVS")
+def _wan_variants(cls):
+    m = build(cls, _wan_cfg(model_type=cls.unet_config.get("model_type", "t2v")))
+    pos, neg = conds(64)
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
+
+
+@family("WAN21_SCAIL", "WAN21_SCAIL2")
+def _wan_scail(cls):
+    scail2 = cls.__name__ == "WAN21_SCAIL2"
+    cfg = _wan_cfg(model_type=cls.unet_config["model_type"], in_dim=20)
+    if scail2:
+        cfg["mask_in_dim"] = 28
+    m = build(cls, cfg)
+    # pose video latent (cropped per tile) and a reference image (whole per tile)
+    pos, neg = conds(64, pose_video_latent=rand(1, 16, 3, 16, 16, seed=7),
+                     reference_latents=[rand(1, 16, 1, 16, 16, seed=9)])
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
+
+
+@family("WAN22_WanDancer")
+def _wan_dancer(cls):
+    cfg = _wan_cfg(model_type="wandancer", in_dim=36, audio_inject_layers=[0], music_dim=16, music_heads=2,
+                   music_feature_dim=8, music_latent_dim=16)
+    m = build(cls, cfg)
+    pos, neg = conds(64, concat_latent_image=rand(1, 16, 3, 16, 16, seed=7))
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
+
+
+@family("SeedVR2")
+def _seedvr2(cls):
+    # video restoration: 'condition' (the degraded video's latent + a mask channel) is cropped per tile
+    cfg = dict(image_model="seedvr2", norm_eps=1e-5, num_layers=2, mlp_type="swiglu", vid_in_channels=33,
+               vid_out_channels=16, vid_dim=64, txt_in_dim=64, heads=2, head_dim=32, mm_layers=1, expand_ratio=2,
+               patch_size=(1, 2, 2), rope_dim=16, vid_out_norm=True)
+    sd = {"positive_conditioning": rand(8, 64, seed=1), "negative_conditioning": rand(8, 64, seed=2)}
+    m = build(cls, cfg, state_dict=sd)
+    pos, neg = conds(64, condition=rand(1, 17, 1, 16, 16, seed=7))
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
+
+
+@family("Boogu")
+def _boogu(cls):
+    cfg = dict(image_model="boogu", patch_size=2, in_channels=16, hidden_size=64, num_layers=2,
+               num_double_stream_layers=1, num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2,
+               multiple_of=16, axes_dim_rope=[8, 12, 12], axes_lens=[64, 64, 64], instruction_feat_dim=64)
+    m = build(cls, cfg)
+    pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long),
+                     reference_latents=[rand(1, 16, 6, 4, seed=9)])
+    return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
+
+
+@family("JoyImage")
+def _joyimage(cls):
+    cfg = dict(image_model="joyimage", patch_size=[1, 2, 2], in_channels=16, hidden_size=64, num_attention_heads=2,
+               text_dim=64, mlp_width_ratio=2.0, num_layers=1)
+    m = build(cls, cfg, after=dict(rope_dim_list=[8, 12, 12], theta=10000))
+    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 6, 4, seed=9)])
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
+
+
+@family("Ideogram4")
+def _ideogram4(cls):
+    # Flux.2 latents (128 channels = 32 x a 2x2 patch packed in the channels)
+    m = build(cls, dict(image_model="ideogram4", in_channels=128, num_layers=1),
+              after=dict(num_attention_heads=2, attention_head_dim=32, intermediate_size=128, adaln_dim=32,
+                         llm_features_dim=64, mrope_section=[4, 6, 6]))
+    pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(1, 1))
+
+
+@family("Krea2")
+def _krea2(cls):
+    cfg = dict(image_model="krea2", features=64, tdim=32, txtdim=64, heads=2, kvheads=2, multiplier=2, layers=1,
+               patch=2, channels=16, txtlayers=1, txtheads=2, txtkvheads=2)
+    m = build(cls, cfg)
+    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 6, 4, seed=9)])
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
+
+
+@family("Kandinsky5", "Kandinsky5Image")
+def _kandinsky5(cls):
+    image = cls.__name__ == "Kandinsky5Image"
+    cfg = dict(image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=64, in_text_dim2=64,
+               time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=(16 if image else 33) * 4, patch_size=(1, 2, 2),
+               num_text_blocks=1, num_visual_blocks=1, axes_dims=(8, 12, 12))
+    m = build(cls, cfg)
+    extra = {} if image else {"concat_mask": mask(frames=2)}
+    pos, neg = conds(64, pooled=64, attention_mask=torch.ones(1, 8, dtype=torch.long), **extra)
+    frames = 1 if image else 2
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=None if image else frames), patch=(2, 2),
+                frames=None if image else frames)
+
+
+@family("Anima")
+def _anima(cls):
+    # Cosmos Predict2 (patch_spatial 2) with an LLM adapter for its text
+    cfg = dict(image_model="anima", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16, out_channels=16,
+               patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=1,
+               num_heads=2, mlp_ratio=2.0, crossattn_emb_channels=1024, pos_emb_cls="rope3d", pos_emb_learnable=True,
+               pos_emb_interpolation="crop", min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16,
+               extra_per_block_abs_pos_emb=False, rope_enable_fps_modulation=False)
+    m = build(cls, cfg, gain=0.5)
+    pos, neg = conds(1024)
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
+
+
+@family("ErnieImage")
+def _ernie(cls):
+    cfg = dict(image_model="ernie", hidden_size=64, num_attention_heads=2, num_layers=1, ffn_hidden_size=128,
+               in_channels=128, out_channels=128, patch_size=1, text_in_dim=64, rope_axes_dim=(8, 12, 12))
+    m = build(cls, cfg)
+    pos, neg = conds(64)
+    return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(1, 1))
+
+
+@family("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")
+def _cogvideox(cls):
+    in_ch = cls.unet_config.get("in_channels", 16)
+    cfg = dict(image_model="cogvideox", num_attention_heads=2, attention_head_dim=32, in_channels=in_ch,
+               out_channels=16, time_embed_dim=32, text_embed_dim=64, num_layers=1, sample_width=16,
+               sample_height=16, sample_frames=5, patch_size=2, max_text_seq_length=8,
+               use_rotary_positional_embeddings=True)
+    m = build(cls, cfg)
+    extra = {"concat_latent_image": rand(1, 16, 2, 16, 16, seed=7)} if in_ch > 16 else {}
+    pos, neg = conds(64, **extra)
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2)
+
+
+@family("LTXAV")
+def _ltxav(cls):
+    # the audio-video model on a video latent (a joint audio-video latent is a packed 1-D sequence: refused)
+    cfg = dict(image_model="ltxav", in_channels=128, audio_in_channels=128, cross_attention_dim=64,
+               audio_cross_attention_dim=64, attention_head_dim=32, audio_attention_head_dim=16,
+               num_attention_heads=2, audio_num_attention_heads=2, caption_channels=64, num_layers=1,
+               connector_attention_head_dim=16, connector_num_attention_heads=2, connector_num_layers=1)
+    m = build(cls, cfg)
+    # text already through its connectors: video (64) + audio (64) features
+    pos, neg = conds(128, frame_rate=25, attention_mask=torch.ones(1, 8, dtype=torch.long))
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(1, 1), frames=2)

@@ -15,6 +15,8 @@ is never written to; one tile equals untiled; and the control changes the result
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("single_thread")     # tiny models: see conftest
+
 W_PX = H_PX = 128           # 16 x 16 latent
 TILE = 64                   # 8 x 8 latent tiles, 9 of them with a 32-px overlap
 LOG: list = []

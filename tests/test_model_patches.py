@@ -18,6 +18,8 @@ import torch
 
 import qtd_families as fam
 
+pytestmark = pytest.mark.usefixtures("single_thread")     # tiny models: see conftest
+
 LAT = 16            # latent side; 8 px per latent px
 TILE = 8
 
