@@ -26,8 +26,6 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${QTD_CACHE:-$REPO/.cache}"
 PY="${QTD_PYTHON:-$(command -v python3.11 || command -v python3)}"
-# The stamp names what was installed: a change of requirements-dev.txt or of the ComfyUI
-# checkout re-runs the (idempotent) install steps.
 mkdir -p "$CACHE"
 
 log() { echo "[provision] $*" >&2; }
@@ -41,9 +39,15 @@ else
   COMFY="$CACHE/ComfyUI"
   VENV="$CACHE/venv"
 fi
-STAMP_ID="$( (cat "$REPO/requirements-dev.txt" "$0"; echo "$COMFY"; cat "$COMFY/requirements.txt" 2>/dev/null) \
-             | sha256sum | cut -c1-16)"
-STAMP="$VENV/.provisioned-$STAMP_ID"
+# The stamp names what was installed: this script, the test extras, the checkout and its requirements
+# (absent before the first fetch; the stamp is named again once they are there). A change of any of
+# them re-runs the (idempotent) install steps.
+stamp() {
+  local req="$COMFY/requirements.txt"
+  [ -f "$req" ] || req=/dev/null
+  echo "$VENV/.provisioned-$( (cat "$REPO/requirements-dev.txt" "$0" "$req"; echo "$COMFY") | sha256sum | cut -c1-16)"
+}
+STAMP="$(stamp)"
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 
 if [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && [ -f "$COMFY/main.py" ]; then
@@ -97,7 +101,7 @@ PY
   "${PIP[@]}" -c "$constraints" -r "$COMFY/requirements.txt" "${extras[@]}"
   "${PIP[@]}" -c "$constraints" -r "$REPO/requirements-dev.txt"
   rm -f "$VENV"/.provisioned-* "$CACHE"/.provisioned-*
-  touch "$STAMP"
+  touch "$(stamp)"
   log "runtime ready: $VENV, $COMFY"
 fi
 echo "QTD_VENV=$VENV"
