@@ -201,13 +201,17 @@ def _unet_cfg(context_dim=64, in_channels=4, adm=None, **kw):
 
 @family("SD15", "SD20", "SD15_instructpix2pix", "Stable_Zero123", "LotusD")
 def _sd15(cls):
-    in_ch = cls.unet_config.get("in_channels", 4)
+    # SD1.5 as an inpainting model (9 channels: latent + mask + masked image, concat_keys of set_inpaint)
+    in_ch = 9 if cls.__name__ == "SD15" else cls.unet_config.get("in_channels", 4)
     cfg = _unet_cfg(in_channels=in_ch, adm=cls.unet_config.get("adm_in_channels"),
                     use_linear_in_transformer=cls.unet_config.get("use_linear_in_transformer", False))
     if cls.__name__ == "SD20":
         cfg["context_dim"] = 64
     m = build(cls, cfg, after=dict(num_heads=2, num_head_channels=-1))
     pos, neg = conds(64, pooled=64)
+    if in_ch == 9:      # inpainting: the image and its pixel mask, cropped per tile as c_concat
+        for c in (pos, neg):
+            c[0][1].update(concat_latent_image=rand(1, 4, 16, 16, seed=7), concat_mask=mask())
     if in_ch == 8:      # instruct-pix2pix / zero123: concat_latent_image (the image being edited)
         for c in (pos, neg):
             c[0][1]["concat_latent_image"] = rand(1, 4, 16, 16, seed=7)
@@ -293,7 +297,9 @@ def _hidream(cls):
                text_emb_dim=64, num_routed_experts=2, num_activated_experts=1, axes_dims_rope=[16, 8, 8],
                max_resolution=[128, 128], llama_layers=[0, 1])
     m = build(cls, cfg)
-    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20))
+    # HiDream-E1 editing: the source image's latent (image_cond), placed beside the latent by the model
+    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20),
+                     concat_latent_image=rand(1, 16, 16, 16, seed=7))
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
 
