@@ -655,6 +655,7 @@ class TiledDiffusion:
         anything else ComfyUI passes is forwarded to a wrapper that was on the model before ours."""
         x, t, c, cou = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
         to = c.get("transformer_options", {})
+        mf.check_transformer_options(to)
         run: RunState | None = to.get(RUN_KEY)
         model = ModelCall(apply_model, self.inner, extra, kwargs)
         base = model.base
