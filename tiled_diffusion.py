@@ -844,7 +844,8 @@ class TiledDiffusion:
                 tb = TileBatch(tuple(wins), H, W, n_chunks, shift)
                 if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
                     ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
-                                                                         run.hints if run is not None else rep)
+                                                                         run.hints if run is not None else rep,
+                                                                         xt.device)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, tb)

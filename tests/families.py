@@ -12,13 +12,11 @@ of the running ComfyUI that is in neither fails the family matrix by name (see
 ``tests/test_family_matrix.py``): add a builder here.
 
 Every builder works on ComfyUI 0.3.75 and 0.28.0: constructor arguments a version lacks or adds are
-handled by feature detection (:func:`fit_kwargs`, ``complete_dataclass_config``), never by version.
+handled by feature detection (:func:`dataclass_config`), never by version.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,23 +68,6 @@ XFAIL = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-def fit_kwargs(fn, kw: dict) -> dict:
-    """``kw`` restricted to the parameters ``fn`` takes (all of them if it takes ``**kwargs``)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kw)
-    return {k: v for k, v in kw.items() if k in params}
-
-
-def unet_class(model_base_cls):
-    """The diffusion-model class a ``model_base`` class builds (its ``unet_model=`` default)."""
-    for cls in model_base_cls.__mro__:
-        p = inspect.signature(cls.__init__).parameters.get("unet_model")
-        if p is not None and p.default is not inspect.Parameter.empty:
-            return p.default
-    return None
-
 
 # Buffers ComfyUI allocates with torch.empty and fills from the checkpoint (SD3's positional table,
 # SeedVR2's stored prompt embeddings): uninitialised memory, possibly NaN, unless the fixture fills them.
@@ -259,7 +240,6 @@ def _flux2(cls):
 
 
 def _chroma_cfg(**kw):
-    from comfy.ldm.chroma.model import ChromaParams
     cfg = dict(in_channels=64, out_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=2.0, num_heads=2,
                depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
                in_dim=64, out_dim=64, hidden_dim=64, n_layers=1)
