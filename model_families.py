@@ -19,7 +19,9 @@ nothing:
   PiD's ``lq_latent``): resampling them to the canvas's token grid once, as the model would, makes
   each tile's crop exactly what the model makes of it for that tile.
 * **untileable** (:data:`UNTILEABLE`): a family whose conditioning encodes the canvas's token layout
-  is refused with a clear error (:func:`check_tileable`) instead of failing inside the model.
+  is refused with a clear error (:func:`check_tileable`) instead of failing inside the model; so is a
+  run whose ``transformer_options`` carry state of the whole canvas across calls
+  (:data:`CANVAS_STATE_OPTIONS`, :func:`check_transformer_options`).
 """
 from __future__ import annotations
 
@@ -71,6 +73,13 @@ UNTILEABLE = {
 
 # Smallest tile side (latent px) a diffusion-model class takes, by class name.
 MIN_TILE = {"PixArtMS": 33}
+
+# transformer_options entries that hold state of the whole canvas across model calls, which tiles
+# cannot share: key -> why.
+CANVAS_STATE_OPTIONS = {
+    "ar_state": "the ar_video sampler keeps a KV cache of every token of the frames it has generated, "
+                "across calls",
+}
 
 PATCH_ATTRS = ("patch_size", "patch_spatial", "patch")
 
@@ -156,3 +165,10 @@ def check_tileable(base_model) -> None:
             raise ValueError(f"model: Quadtree Diffusion cannot tile this model ({name}): {UNTILEABLE[name]}; "
                              f"remove Quadtree Diffusion for this model")
 
+
+def check_transformer_options(to: dict) -> None:
+    """Refuse a model call whose ``transformer_options`` hold canvas-wide state (:data:`CANVAS_STATE_OPTIONS`)."""
+    for key, why in CANVAS_STATE_OPTIONS.items():
+        if isinstance(to, dict) and to.get(key) is not None:
+            raise ValueError(f"sampler: Quadtree Diffusion cannot tile this run ({key}): {why}, and a tile has "
+                             f"other tokens; use another sampler, or remove Quadtree Diffusion")

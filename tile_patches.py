@@ -122,9 +122,10 @@ def tile_row_patch(p, dim: int, tb, per_tile: int, canvas_rows: int):
     return c
 
 
-def tile_transformer_options(to: dict, tb, rows: int, cache: dict) -> dict:
-    """``transformer_options`` for one tile batch of ``rows`` model-input rows: every image / row
-    patch in ``to['patches']`` replaced by its per-tile copy (kept in ``cache`` for the run)."""
+def tile_transformer_options(to: dict, tb, rows: int, cache: dict, device=None) -> dict:
+    """``transformer_options`` for one tile batch of ``rows`` model-input rows on ``device``: every
+    image / row patch in ``to['patches']`` replaced by its per-tile copy (kept in ``cache`` for the run,
+    per device: ComfyUI's multi-GPU path samples on several)."""
     patches = to.get("patches") if isinstance(to, dict) else None
     if not patches:
         return to
@@ -140,7 +141,8 @@ def tile_transformer_options(to: dict, tb, rows: int, cache: dict) -> dict:
             if dim is None and not is_image_patch(p):
                 out.append(p)
                 continue
-            key = ("patch", id(p), tuple((w.y0, w.y1, w.x0, w.x1) for w in tb.windows), rows, tb.H, tb.W)
+            key = ("patch", id(p), tuple((w.y0, w.y1, w.x0, w.x1) for w in tb.windows), rows, tb.H, tb.W,
+                   str(device))
             hit = cache.get(key)
             if hit is None or hit[0] is not p:
                 q = tile_row_patch(p, dim, tb, per_tile, canvas_rows) if dim is not None else \

@@ -678,6 +678,7 @@ class TiledDiffusion:
         anything else ComfyUI passes is forwarded to a wrapper that was on the model before ours."""
         x, t, c, cou = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
         to = c.get("transformer_options", {})
+        mf.check_transformer_options(to)
         run: RunState | None = to.get(RUN_KEY)
         model = ModelCall(apply_model, self.inner, extra, kwargs)
         base = model.base
@@ -872,7 +873,8 @@ class TiledDiffusion:
                 tb = TileBatch(tuple(wins), H, W, n_chunks)
                 if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
                     ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
-                                                                         run.hints if run is not None else rep)
+                                                                         run.hints if run is not None else rep,
+                                                                         xt.device)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, tb)

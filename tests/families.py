@@ -12,13 +12,11 @@ of the running ComfyUI that is in neither fails the family matrix by name (see
 ``tests/test_family_matrix.py``): add a builder here.
 
 Every builder works on ComfyUI 0.3.75 and 0.28.0: constructor arguments a version lacks or adds are
-handled by feature detection (:func:`fit_kwargs`, ``complete_dataclass_config``), never by version.
+handled by feature detection (:func:`dataclass_config`), never by version.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,23 +68,6 @@ XFAIL = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-def fit_kwargs(fn, kw: dict) -> dict:
-    """``kw`` restricted to the parameters ``fn`` takes (all of them if it takes ``**kwargs``)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(kw)
-    return {k: v for k, v in kw.items() if k in params}
-
-
-def unet_class(model_base_cls):
-    """The diffusion-model class a ``model_base`` class builds (its ``unet_model=`` default)."""
-    for cls in model_base_cls.__mro__:
-        p = inspect.signature(cls.__init__).parameters.get("unet_model")
-        if p is not None and p.default is not inspect.Parameter.empty:
-            return p.default
-    return None
-
 
 # Buffers ComfyUI allocates with torch.empty and fills from the checkpoint (SD3's positional table,
 # SeedVR2's stored prompt embeddings): uninitialised memory, possibly NaN, unless the fixture fills them.
@@ -201,13 +182,17 @@ def _unet_cfg(context_dim=64, in_channels=4, adm=None, **kw):
 
 @family("SD15", "SD20", "SD15_instructpix2pix", "Stable_Zero123", "LotusD")
 def _sd15(cls):
-    in_ch = cls.unet_config.get("in_channels", 4)
+    # SD1.5 as an inpainting model (9 channels: latent + mask + masked image, concat_keys of set_inpaint)
+    in_ch = 9 if cls.__name__ == "SD15" else cls.unet_config.get("in_channels", 4)
     cfg = _unet_cfg(in_channels=in_ch, adm=cls.unet_config.get("adm_in_channels"),
                     use_linear_in_transformer=cls.unet_config.get("use_linear_in_transformer", False))
     if cls.__name__ == "SD20":
         cfg["context_dim"] = 64
     m = build(cls, cfg, after=dict(num_heads=2, num_head_channels=-1))
     pos, neg = conds(64, pooled=64)
+    if in_ch == 9:      # inpainting: the image and its pixel mask, cropped per tile as c_concat
+        for c in (pos, neg):
+            c[0][1].update(concat_latent_image=rand(1, 4, 16, 16, seed=7), concat_mask=mask())
     if in_ch == 8:      # instruct-pix2pix / zero123: concat_latent_image (the image being edited)
         for c in (pos, neg):
             c[0][1]["concat_latent_image"] = rand(1, 4, 16, 16, seed=7)
@@ -255,7 +240,6 @@ def _flux2(cls):
 
 
 def _chroma_cfg(**kw):
-    from comfy.ldm.chroma.model import ChromaParams
     cfg = dict(in_channels=64, out_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=2.0, num_heads=2,
                depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
                in_dim=64, out_dim=64, hidden_dim=64, n_layers=1)
@@ -293,7 +277,9 @@ def _hidream(cls):
                text_emb_dim=64, num_routed_experts=2, num_activated_experts=1, axes_dims_rope=[16, 8, 8],
                max_resolution=[128, 128], llama_layers=[0, 1])
     m = build(cls, cfg)
-    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20))
+    # HiDream-E1 editing: the source image's latent (image_cond), placed beside the latent by the model
+    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20),
+                     concat_latent_image=rand(1, 16, 16, 16, seed=7))
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
 

@@ -8,7 +8,8 @@
   resampled to the canvas (the model's own resampling), not a rounded crop of the small prior;
 * HiDream's per-layer Llama tokens [B, layers, tokens, dim] are never cropped, even when tokens x dim
   has the canvas's proportions;
-* a family whose conditioning encodes the canvas's token layout is refused with a clear error.
+* a family whose conditioning encodes the canvas's token layout is refused with a clear error, and so is
+  the autoregressive video sampler (its KV cache holds the whole frame's tokens).
 """
 import logging
 
@@ -149,3 +150,24 @@ def test_untileable_family_refused_clearly(pack):
         mf.check_tileable(Base())
     Base.diffusion_model = torch.nn.Identity()
     mf.check_tileable(Base())
+
+
+def test_ar_video_sampler_refused_clearly(pack, fx):
+    """Causal Wan with ComfyUI's ar_video sampler (where this ComfyUI has it): untiled it samples; tiled,
+    the KV cache it carries in transformer_options is for the whole frame, so the engine refuses the run."""
+    import comfy.k_diffusion.sampling as kds
+    import comfy.sample
+    import comfy.samplers
+    import comfy.supported_models as sm
+    if not hasattr(kds, "sample_ar_video") or "WAN21_CausalAR_T2V" not in [m.__name__ for m in sm.models]:
+        pytest.skip("this ComfyUI has no autoregressive video sampler")
+    t = fam.tiny("WAN21_CausalAR_T2V")
+    sampler = comfy.samplers.ksampler("ar_video", {"num_frame_per_block": 1})
+    sigmas = comfy.samplers.calculate_sigmas(t.model.get_model_object("model_sampling"), "simple", 2)
+    noise = torch.randn(t.latent.shape, generator=torch.Generator().manual_seed(4))
+    out = comfy.sample.sample_custom(t.model, noise, 1.0, sampler, sigmas, t.positive, t.negative, t.latent, seed=1)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"cannot tile this run \(ar_state\).*use another sampler"):
+        comfy.sample.sample_custom(tiled(pack, fx, t.model, tile_width=64, tile_height=64, tile_overlap=32), noise, 1.0,
+                                   sampler, sigmas, t.positive, t.negative, t.latent, seed=1)
+

@@ -27,10 +27,10 @@ W_PX, H_PX = 128, 96          # 16 x 12 latent
 # --------------------------------------------------------------------------- tiny models
 
 def _build(fx, config, cls, seed=0, **kw):
+    import qtd_families
     config.set_inference_dtype(torch.float32, None)
     model = cls(config, device=torch.device("cpu"), **kw)
-    fx.init_module_(model.diffusion_model, seed)
-    model.eval()
+    qtd_families.seeded(model, seed)        # weights, and SD3's positional table (allocated empty)
     return fx._patcher(model)
 
 
