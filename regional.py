@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .utils import RUN_KEY, cond_dicts
+from .utils import RUN_KEY, cond_dicts, group_by_size
 
 KEY = "quadtree_diffusion_regions"      # key of the keyed CALC_COND_BATCH wrapper
 
@@ -118,9 +118,5 @@ class AreaPlan:
         self.evaluated = tuple(range(len(self.windows)))
 
     def groups(self, evaluated, windows=None) -> list[list[int]]:
-        """Evaluated window indices grouped by size: batchable together."""
-        windows = self.windows if windows is None else windows
-        by_size: dict = {}
-        for i in evaluated:
-            by_size.setdefault(windows[i].size, []).append(i)
-        return list(by_size.values())
+        """Evaluated window indices grouped by window size (batchable together)."""
+        return group_by_size(evaluated, self.windows if windows is None else windows)

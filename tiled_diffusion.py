@@ -32,7 +32,7 @@ from . import tile_conditioning as tcond
 from . import variable_denoise as vd
 from .tile_control import TileControl
 from .tile_patches import tile_transformer_options
-from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
+from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, group_by_size, latent_compression, latent_patch_size
 
 log = logging.getLogger(__name__)
 
@@ -413,11 +413,7 @@ class Plan:
 
     def groups(self, evaluated, windows=None) -> list[list[int]]:
         """Evaluated window indices grouped by window size (batchable together)."""
-        windows = self.windows if windows is None else windows
-        by_size: dict = {}
-        for i in evaluated:
-            by_size.setdefault(windows[i].size, []).append(i)
-        return list(by_size.values())
+        return group_by_size(evaluated, self.windows if windows is None else windows)
 
     # ---- SpotDiffusion (host-side, cached per step setting)
     def spot_windows(self, oy: int, ox: int, margin: int = 0) -> tuple:

@@ -54,3 +54,12 @@ def cond_dicts(conds):
         for c in cond_list or ():
             if isinstance(c, dict):
                 yield i, c
+
+
+def group_by_size(evaluated, windows) -> list[list[int]]:
+    """The evaluated window indices grouped by window size, in first-seen order: windows of one
+    size can share a model call."""
+    by_size: dict = {}
+    for i in evaluated:
+        by_size.setdefault(windows[i].size, []).append(i)
+    return list(by_size.values())
