@@ -15,6 +15,7 @@ setup_comfy(comfy_path=None) -> str
 load_pack(repo=None, name="quadtree_diffusion") -> module
 tiny_sd15(seed=0, context_dim=64) -> ModelPatcher
 local_model(seed=0, in_channels=4, hidden=32, num_layers=3, context_dim=64) -> ModelPatcher
+position_latent(channels, h, w), window_of(row, canvas)      (tiles that tell where they came from)
 local_model_for_format(latent_format, seed=0) -> ModelPatcher  (another channel count / compression)
 local_inpaint_model(seed=0, **kw) -> ModelPatcher            (9 input channels, concat_keys mask+masked_image)
 tiny_flux_config(in_channels=16) -> dict                     (FLUX.1 dev-style config, any ComfyUI version)
@@ -342,6 +343,25 @@ def local_model(seed: int = 0, in_channels: int = 4, hidden: int = 32, num_layer
     patcher = _patcher(model)
     patcher.receptive_radius = model.diffusion_model.receptive_radius
     return patcher
+
+
+def position_latent(channels: int, h: int, w: int) -> torch.Tensor:
+    """A [1, channels, h, w] latent whose channels 0/1 are 10 x row / 10 x column (the rest 0): a
+    tile's input tells which window of the canvas it is (see :func:`window_of`)."""
+    lat = torch.zeros(1, channels, h, w)
+    lat[:, 0] = 10.0 * torch.arange(h, dtype=torch.float32)[:, None]
+    lat[:, 1] = 10.0 * torch.arange(w, dtype=torch.float32)[None, :]
+    return lat
+
+
+def window_of(row: torch.Tensor, canvas: torch.Tensor) -> tuple[int, int]:
+    """(y0, x0) of the h x w window of ``canvas`` [C, H, W] closest to ``row`` [C, h, w] on channels
+    0-1 (mean absolute difference over every placement, computed at once with ``unfold``)."""
+    h, w = row.shape[-2:]
+    win = canvas[:2].unfold(1, h, 1).unfold(2, w, 1)          # [2, H-h+1, W-w+1, h, w]
+    d = (win - row[:2, None, None]).abs().mean(dim=(0, 3, 4))
+    i = int(torch.argmin(d))                                  # first minimum, row-major, as a scan finds it
+    return i // d.shape[1], i % d.shape[1]
 
 
 def local_model_for_format(latent_format, seed: int = 0):

@@ -70,24 +70,6 @@ def make_control_class():
     return KeyframedControl
 
 
-def position_latent(h=H_PX // 8, w=W_PX // 8):
-    lat = torch.zeros(1, 4, h, w)
-    lat[:, 0] = 10.0 * torch.arange(h, dtype=torch.float32)[:, None]
-    lat[:, 1] = 10.0 * torch.arange(w, dtype=torch.float32)[None, :]
-    return lat
-
-
-def window_of(row, canvas):
-    """(y0, x0) of the window of ``canvas`` [C, H, W] closest to ``row`` [C, h, w] on channels 0-1."""
-    h, w = row.shape[-2:]
-    best = None
-    for y in range(canvas.shape[-2] - h + 1):
-        for x in range(canvas.shape[-1] - w + 1):
-            d = (row[:2] - canvas[:2, y:y + h, x:x + w]).abs().mean().item()
-            if best is None or d < best[0]:
-                best = (d, y, x)
-    return best[1], best[2]
-
 
 def gradient():
     """IMAGE-as-hint [1, 3, H, W]: every pixel distinct."""
@@ -126,7 +108,7 @@ def tiled(pack, fx, model, **kw):
 def test_subclass_control_gets_its_tile(pack, fx, setup, tile_batch):
     model, control, pos, neg = setup
     LOG.clear()
-    lat = position_latent()
+    lat = fx.position_latent(4, H_PX // 8, W_PX // 8)
     out = fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=tile_batch), pos, neg, lat, steps=3, cfg=3.0,
                           denoise=0.03, scheduler="simple")
     assert torch.isfinite(out).all()
@@ -141,7 +123,7 @@ def test_subclass_control_gets_its_tile(pack, fx, setup, tile_batch):
         assert (th, tw) == (TILE // 8, TILE // 8)
         assert h.shape[0] in (1, rows) and tuple(h.shape[-2:]) == (th * 8, tw * 8)
         for r in range(rows):
-            y0, x0 = window_of(x[r], canvas)
+            y0, x0 = fx.window_of(x[r], canvas)
             seen.add((y0, x0))
             assert torch.equal(h[r if h.shape[0] == rows else 0], hint[:, y0 * 8:(y0 + th) * 8, x0 * 8:(x0 + tw) * 8])
         # per-step state: the keyframe of this call's own timestep

@@ -51,25 +51,6 @@ def position_image(h, w):
     return torch.stack([ys, xs, torch.full((h, w), 0.5)], dim=-1)[None]
 
 
-def position_latent(channels, h=LAT, w=LAT):
-    """A latent whose channels 0/1 are 10 x row / 10 x column: a tile input tells its window."""
-    lat = torch.zeros(1, channels, h, w)
-    lat[:, 0] = 10.0 * torch.arange(h, dtype=torch.float32)[:, None]
-    lat[:, 1] = 10.0 * torch.arange(w, dtype=torch.float32)[None, :]
-    return lat
-
-
-def window_of(row, canvas):
-    """(y0, x0) of the h x w window of ``canvas`` [C, H, W] closest to ``row`` [C, h, w] (channels 0-1)."""
-    h, w = row.shape[-2:]
-    best = None
-    for y in range(canvas.shape[-2] - h + 1):
-        for x in range(canvas.shape[-1] - w + 1):
-            d = (row[:2] - canvas[:2, y:y + h, x:x + w]).abs().mean().item()
-            if best is None or d < best[0]:
-                best = (d, y, x)
-    return best[1], best[2]
-
 
 def recording(patch, log):
     """Turn ComfyUI's ``patch`` into an instance of a subclass that logs (its image, the model input) per call."""
@@ -119,7 +100,7 @@ def qwen_with_diffsynth(fx, log=None):
 def test_diffsynth_patch_sees_its_tile(pack, fx, tile_batch):
     log = []
     t, model, image = qwen_with_diffsynth(fx, log)
-    lat = position_latent(16).unsqueeze(2)          # [1, 16, 1, h, w], as ComfyUI gives Qwen-Image
+    lat = fx.position_latent(16, LAT, LAT).unsqueeze(2)          # [1, 16, 1, h, w], as ComfyUI gives Qwen-Image
     out = fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=tile_batch), t.positive, t.negative, lat,
                           steps=2, cfg=3.0, denoise=0.02)
     assert torch.isfinite(out).all()
@@ -133,7 +114,7 @@ def test_diffsynth_patch_sees_its_tile(pack, fx, tile_batch):
         assert img.shape[0] in (1, rows) and tuple(img.shape[1:3]) == (h * 8, w * 8), \
             f"the patch holds a {tuple(img.shape)} image for {rows} rows of {h}x{w} latent px"
         for r in range(rows):
-            y0, x0 = window_of(x[r, :, 0] if x.ndim == 5 else x[r], canvas)
+            y0, x0 = fx.window_of(x[r, :, 0] if x.ndim == 5 else x[r], canvas)
             seen.add((y0, x0))
             expected = image[0, y0 * 8:(y0 + h) * 8, x0 * 8:(x0 + w) * 8]
             got = img[r if img.shape[0] == rows else 0]
@@ -145,7 +126,7 @@ def test_diffsynth_patch_sees_its_tile(pack, fx, tile_batch):
 
 def test_diffsynth_one_tile_equals_untiled(pack, fx):
     t, model, _ = qwen_with_diffsynth(fx)
-    lat = position_latent(16) / 50
+    lat = fx.position_latent(16, LAT, LAT) / 50
     ref = fx.run_ksampler(model, t.positive, t.negative, lat, steps=2, cfg=3.0, denoise=0.8)
     one = fx.run_ksampler(tiled(pack, fx, model, tile_width=LAT * 8, tile_height=LAT * 8, tile_overlap=0),
                           t.positive, t.negative, lat, steps=2, cfg=3.0, denoise=0.8)
@@ -157,7 +138,8 @@ def test_diffsynth_patch_left_unchanged(pack, fx):
     t, model, image = qwen_with_diffsynth(fx)
     (p,) = model.model_options["transformer_options"]["patches"]["double_block"]
     before = (p.image, p.encoded_image, p.encoded_image_size)
-    fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=4), t.positive, t.negative, position_latent(16) / 50,
+    lat = fx.position_latent(16, LAT, LAT) / 50
+    fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=4), t.positive, t.negative, lat,
                     steps=2, cfg=3.0, denoise=0.5)
     assert p.image is before[0] and p.encoded_image is before[1] and p.encoded_image_size == before[2]
 
@@ -231,7 +213,7 @@ def zimage_with_fun_controlnet(fx, log=None):
 def test_zimage_fun_controlnet_sees_its_tile(pack, fx, tile_batch):
     log = []
     t, model, image = zimage_with_fun_controlnet(fx, log)
-    lat = position_latent(16)
+    lat = fx.position_latent(16, LAT, LAT)
     out = fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=tile_batch), t.positive, t.negative, lat,
                           steps=2, cfg=3.0, denoise=0.02)
     assert torch.isfinite(out).all()
@@ -242,6 +224,6 @@ def test_zimage_fun_controlnet_sees_its_tile(pack, fx, tile_batch):
         h, w = x.shape[-2:]
         assert img.shape[0] in (1, rows) and tuple(img.shape[1:3]) == (h * 8, w * 8)
         for r in range(rows):
-            y0, x0 = window_of(x[r], canvas)
+            y0, x0 = fx.window_of(x[r], canvas)
             got = img[r if img.shape[0] == rows else 0]
             assert torch.equal(got, image[0, y0 * 8:(y0 + h) * 8, x0 * 8:(x0 + w) * 8])
