@@ -44,7 +44,14 @@ WIDGETS = {
     "SaveImage": ["filename_prefix"],
     "ControlNetLoader": ["control_net_name"],
     "ControlNetApplyAdvanced": ["strength", "start_percent", "end_percent"],
+    "QuadtreeTileCrops": [],
+    "QuadtreeTileConditioning": [],
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "TextGenerate": ["prompt", "max_length", "sampling_mode", "thinking", "use_default_template"],
+    "StringConcatenate": ["string_a", "string_b", "delimiter"],
 }
+# Widgets that take a link instead of their value (the frontend gives every widget an input slot).
+WIDGET_TYPES = {("CLIPTextEncode", "text"): "STRING", ("StringConcatenate", "string_a"): "STRING"}
 # Link inputs per node type: (name, type), in input order (optional ones last).
 INPUTS = {
     "CheckpointLoaderSimple": [],
@@ -63,8 +70,14 @@ INPUTS = {
     "ControlNetLoader": [],
     "ControlNetApplyAdvanced": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                 ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
+    "QuadtreeTileCrops": [("image", "IMAGE"), ("quadtree", "QUADTREE")],
+    "QuadtreeTileConditioning": [("conditioning", "CONDITIONING"), ("quadtree", "QUADTREE"),
+                                 ("tile_conditioning", "CONDITIONING")],
+    "CLIPLoader": [],
+    "TextGenerate": [("clip", "CLIP"), ("image", "IMAGE")],
+    "StringConcatenate": [],
 }
-OPTIONAL_INPUTS = {("QuadtreeDiffusion", "quadtree"), ("ControlNetApplyAdvanced", "vae")}
+OPTIONAL_INPUTS = {("QuadtreeDiffusion", "quadtree"), ("ControlNetApplyAdvanced", "vae"), ("TextGenerate", "image")}
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
@@ -80,10 +93,22 @@ OUTPUTS = {
     "SaveImage": [],
     "ControlNetLoader": [("CONTROL_NET", "CONTROL_NET")],
     "ControlNetApplyAdvanced": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    "QuadtreeTileCrops": [("crops", "IMAGE")],
+    "QuadtreeTileConditioning": [("CONDITIONING", "CONDITIONING")],
+    "CLIPLoader": [("CLIP", "CLIP")],
+    "TextGenerate": [("generated_text", "STRING")],
+    "StringConcatenate": [("STRING", "STRING")],
 }
+# Outputs that are lists (the frontend draws them with shape 6).
+LIST_OUTPUTS = {("QuadtreeTileCrops", "crops")}
 # Node types that ship with ComfyUI (the frontend records their origin in properties.cnr_id).
 CORE = set(WIDGETS) - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion",
-                       "VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion"}
+                       "VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion",
+                       "QuadtreeTileCrops", "QuadtreeTileConditioning"}
+# The ComfyUI version a core node first appeared in, where later than COMFY_VERSION.
+CORE_SINCE = {"TextGenerate": "0.15.0"}
+# Model files a workflow names that ComfyUI's frontend offers to download when missing.
+MODEL_URLS = {}  # filled below, next to the files' names
 # INT widgets the frontend follows with a control_after_generate widget: those that ask for it
 # (KSampler's seed) and, by the frontend's legacy rule, every widget named seed or noise_seed.
 SEED_WIDGETS = {"seed", "noise_seed"}
@@ -94,6 +119,12 @@ COMFY_VERSION = "0.3.75"
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 TILE_CN = "control_v11f1e_sd15_tile.pth"
+CAPTION_VLM = "qwen3vl_8b_fp8_scaled.safetensors"   # Qwen3-VL 8B: a vision-language model ComfyUI runs itself
+MODEL_URLS[CAPTION_VLM] = {"name": CAPTION_VLM, "directory": "text_encoders",
+                           "url": "https://huggingface.co/Comfy-Org/Qwen3-VL/resolve/main/text_encoders/" + CAPTION_VLM}
+CAPTION_PROMPT = ("Describe this image in one short phrase for an image generator: the main subject, its "
+                  "material and texture. Answer with the phrase only.")
+TILE_STYLE = ", detailed photograph, sharp focus, high quality"
 POSITIVE = "a detailed photograph, sharp focus, high quality"
 NEGATIVE = "blurry, lowres, jpeg artifacts, watermark, text"
 
@@ -112,7 +143,8 @@ class Graph:
         if missing or extra:
             raise ValueError(f"{type_}: missing widgets {missing}, unknown {extra}")
         self.nodes.append(dict(id=nid, type=type_, pos=list(pos), size=list(size), title=title,
-                               color=color, widgets=dict(widgets), links_in={}, links_out={}))
+                               color=color, widgets=dict(widgets), links_in={}, links_out={},
+                               widget_links=[]))
         return nid
 
     def link(self, src: int, out_name: str, dst: int, in_name: str) -> int:
@@ -121,9 +153,15 @@ class Graph:
         slot = [n for n, _ in outs].index(out_name)
         typ = outs[slot][1]
         ins = INPUTS[d["type"]]
-        tslot = [n for n, _ in ins].index(in_name)
-        if ins[tslot][1] != typ:
-            raise ValueError(f"link {s['type']}.{out_name} ({typ}) -> {d['type']}.{in_name} ({ins[tslot][1]})")
+        if (d["type"], in_name) in WIDGET_TYPES:      # a widget fed by a link: its slot follows the link inputs
+            in_type = WIDGET_TYPES[(d["type"], in_name)]
+            tslot = len(ins) + len(d["widget_links"])
+            d["widget_links"].append(in_name)
+        else:
+            tslot = [n for n, _ in ins].index(in_name)
+            in_type = ins[tslot][1]
+        if in_type != typ:
+            raise ValueError(f"link {s['type']}.{out_name} ({typ}) -> {d['type']}.{in_name} ({in_type})")
         lid = len(self.links) + 1
         self.links.append([lid, src, slot, dst, tslot, typ])
         d["links_in"][in_name] = lid
@@ -157,10 +195,15 @@ class Graph:
                 if (t, name) in OPTIONAL_INPUTS:
                     entry["shape"] = 7  # how the frontend draws optional inputs
                 inputs.append(entry)
+            for name in n["widget_links"]:
+                inputs.append({"name": name, "type": WIDGET_TYPES[(t, name)], "widget": {"name": name},
+                               "link": n["links_in"][name]})
             outputs = []
             for slot, (name, typ) in enumerate(OUTPUTS[t]):
                 links = n["links_out"].get(slot, [])
                 o = {"name": name, "type": typ, "links": links}
+                if (t, name) in LIST_OUTPUTS:
+                    o["shape"] = 6  # how the frontend draws list outputs
                 if links:
                     o["slot_index"] = slot
                 outputs.append(o)
@@ -173,7 +216,10 @@ class Graph:
                     values.append("image")  # the frontend's upload button widget
             props = {"Node name for S&R": t}
             if t in CORE:
-                props.update({"cnr_id": "comfy-core", "ver": COMFY_VERSION})
+                props.update({"cnr_id": "comfy-core", "ver": CORE_SINCE.get(t, COMFY_VERSION)})
+                models = [MODEL_URLS[v] for v in n["widgets"].values() if isinstance(v, str) and v in MODEL_URLS]
+                if models:
+                    props["models"] = models
             else:
                 props.update({"cnr_id": PACK_ID, "ver": PACK_VERSION})
             node = {"id": n["id"], "type": t, "pos": n["pos"], "size": n["size"], "flags": {},
@@ -206,7 +252,7 @@ class Graph:
             t = n["type"]
             names = [w for w in WIDGETS[t]] + [name for name, _ in INPUTS[t]]
             for name in names:  # the frontend writes widgets and links in input order; order is cosmetic
-                if name in n["widgets"]:
+                if name in n["widgets"] and name not in n["links_in"]:
                     inputs[name] = n["widgets"][name]
                 elif name in n["links_in"]:
                     l = self.links[n["links_in"][name] - 1]
@@ -223,6 +269,8 @@ DISPLAY = {
     "QuadtreeDiffusion": "Quadtree Diffusion", "SpotDiffusionParams_QuadtreeDiffusion": "SpotDiffusion Parameters (Quadtree)",
     "KSampler": "KSampler", "EmptyLatentImage": "Empty Latent Image", "SaveImage": "Save Image",
     "ControlNetLoader": "Load ControlNet Model", "ControlNetApplyAdvanced": "Apply ControlNet",
+    "QuadtreeTileCrops": "Quadtree Tile Crops", "QuadtreeTileConditioning": "Quadtree Tile Conditioning",
+    "CLIPLoader": "Load CLIP", "TextGenerate": "Generate Text", "StringConcatenate": "Concatenate Text",
 }
 
 # Quadtree VAE Encode / Decode, exact (equal to the untiled VAE); 1024-px tiles fit GPUs of 8 GB and more.
@@ -378,7 +426,69 @@ def quadtree_upscale_tile_controlnet() -> Graph:
     return g
 
 
-WORKFLOWS = [quadtree_img2img_upscale, grid_txt2img_large, spotdiffusion_txt2img, quadtree_upscale_tile_controlnet]
+def quadtree_upscale_tile_prompts() -> Graph:
+    g = Graph("quadtree_upscale_tile_prompts", "Quadtree upscale with a prompt per tile",
+              "Quadtree img2img upscale where every tile has its own prompt: each tile's crop is captioned "
+              "by a vision-language model (Generate Text, ComfyUI 0.15+) and the captions become per-tile "
+              "prompts, so no tile is pushed toward what the global prompt describes elsewhere.")
+    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SDXL)
+    pos, neg = _prompts(g, ckpt, 420, 40)
+    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
+    up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
+    vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=256,
+                 min_denoise=0.2, max_denoise=0.6, line_thickness=2, max_tile_size=1024, draw_indices=True)
+    save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree with tile indices",
+                      filename_prefix="quadtree/tile_prompts_visualisation")
+    crops = g.node("QuadtreeTileCrops", (780, 660), (260, 50))
+    vlm = g.node("CLIPLoader", (780, 760), (320, 110), title="Load captioning model (vision-language)",
+                 clip_name=CAPTION_VLM, type="stable_diffusion", device="default")
+    cap = g.node("TextGenerate", (1140, 660), (360, 260), title="Caption each tile", prompt=CAPTION_PROMPT,
+                 max_length=48, sampling_mode="off", thinking=False, use_default_template=True)
+    style = g.node("StringConcatenate", (1540, 660), (320, 200), title="Caption + style", string_a="",
+                   string_b=TILE_STYLE, delimiter="")
+    tile_text = g.node("CLIPTextEncode", (1900, 660), (320, 120), title="Tile prompts (one per tile)",
+                       color=("#232", "#353"), text="")
+    tcond = g.node("QuadtreeTileConditioning", (1900, 840), (320, 90))
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (880, 380), (300, 130), **VAE_ENCODE)
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
+                tile_width=1024, tile_height=1024)
+    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=6.0, sampler_name="euler",
+                scheduler="normal", denoise=1.0)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
+    save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image",
+                  filename_prefix="quadtree/tile_prompts_upscale")
+    g.link(img, "IMAGE", up, "image")
+    g.link(up, "IMAGE", vis, "image")
+    g.link(vis, "image", save_vis, "images")
+    g.link(up, "IMAGE", crops, "image")
+    g.link(vis, "quadtree", crops, "quadtree")
+    g.link(vlm, "CLIP", cap, "clip")
+    g.link(crops, "crops", cap, "image")
+    g.link(cap, "generated_text", style, "string_a")
+    g.link(ckpt, "CLIP", tile_text, "clip")
+    g.link(style, "STRING", tile_text, "text")
+    g.link(pos, "CONDITIONING", tcond, "conditioning")
+    g.link(vis, "quadtree", tcond, "quadtree")
+    g.link(tile_text, "CONDITIONING", tcond, "tile_conditioning")
+    g.link(up, "IMAGE", enc, "pixels")
+    g.link(ckpt, "VAE", enc, "vae")
+    g.link(ckpt, "MODEL", qd, "model")
+    g.link(vis, "quadtree", qd, "quadtree")
+    g.link(qd, "MODEL", ks, "model")
+    g.link(tcond, "CONDITIONING", ks, "positive")
+    g.link(neg, "CONDITIONING", ks, "negative")
+    g.link(enc, "LATENT", ks, "latent_image")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(ckpt, "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+    g.group("Quadtree from the upscaled image", (380, 440, 360, 800), "#3f789e")
+    g.group("A prompt per tile: crop, caption, encode", (760, 580, 1500, 400), "#8a5a9e")
+    return g
+
+
+WORKFLOWS = [quadtree_img2img_upscale, grid_txt2img_large, spotdiffusion_txt2img, quadtree_upscale_tile_controlnet,
+             quadtree_upscale_tile_prompts]
 
 
 def write_all(out_dir: str = OUT) -> list[str]:
@@ -426,14 +536,17 @@ def _photo(size=512):
     return mod.make_photo(size, mod.DEFAULT_SEED)
 
 
-def _quadtree_thumb(min_denoise, max_denoise):
+def _quadtree_thumb(min_denoise, max_denoise, indices=False):
     import numpy as np
     import torch
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
     qt = _pack_quadtree()
     img = _photo(512).convert("RGB")
-    lay = qt.build_quadtree(torch.from_numpy(np.asarray(img, np.float32) / 255.0), 25.0, 48, 1024,
-                            min_denoise, max_denoise)
+    pixels = torch.from_numpy(np.asarray(img, np.float32) / 255.0)
+    lay = qt.build_quadtree(pixels, 25.0, 48, 1024, min_denoise, max_denoise)
+    if indices:     # each tile's index, as Quadtree Visualizer draws it (draw_indices)
+        drawn = _pack_module("tile_preview").draw_indices(pixels, lay)
+        img = Image.fromarray((drawn.numpy() * 255 + 0.5).astype(np.uint8))
     d = ImageDraw.Draw(img)
     span = max(1e-6, max_denoise - min_denoise)
     for t in lay.tiles:
@@ -475,6 +588,7 @@ def write_thumbnails(out_dir: str = OUT) -> list[str]:
     thumbs = {
         "quadtree_img2img_upscale": lambda: _quadtree_thumb(0.2, 0.6),
         "quadtree_upscale_tile_controlnet": lambda: _quadtree_thumb(0.3, 0.75),
+        "quadtree_upscale_tile_prompts": lambda: _quadtree_thumb(0.2, 0.6, indices=True),
         "grid_txt2img_large": lambda: _grid_thumb(2048, 1024, 1024, 128),
         "spotdiffusion_txt2img": lambda: _grid_thumb(3072, 1024, 1024, 0, shifted=True),
     }

@@ -12,7 +12,8 @@ server serves (``comfyui-frontend-package``). Checks:
 * the files the examples name (checkpoints, ControlNet, input image) are provided as on a user's
   machine (placeholders), since newer frontends flag loaders whose file is missing;
 * every example workflow, once loaded, is turned by the frontend itself (``app.graphToPrompt``)
-  into exactly the shipped API form.
+  into exactly the shipped API form (the per-tile prompt loop is also saved as a screenshot,
+  ``<repo>/output/browser_quadtree_upscale_tile_prompts.png``).
 
 Skipped, with the reason, only where Chromium or chromedriver is not installed
 (``scripts/install_browser.sh`` installs them on Debian).
@@ -48,7 +49,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # where ComfyUI looks for the files the examples name (under --base-directory)
 FILE_FOLDERS = {"ckpt_name": "models/checkpoints", "control_net_name": "models/controlnet", "image": "input",
-                "vae_name": "models/vae", "lora_name": "models/loras", "unet_name": "models/diffusion_models"}
+                "vae_name": "models/vae", "lora_name": "models/loras", "unet_name": "models/diffusion_models",
+                "clip_name": "models/text_encoders"}
 
 
 def load(path):
@@ -239,22 +241,28 @@ def test_main_example_workflow_loads_and_shows_the_quadtree_widgets(browser, obj
     links = {i["name"]: i["link"] for i in qd["inputs"]}
     assert links.get("model") is not None and links.get("quadtree") is not None, qd["inputs"]
 
-    # Screenshot: banner closed, canvas zoomed so the node texts are readable.
+    screenshot(browser, MAIN)
+
+
+def screenshot(browser, name: str, scale: float = 0.72):
+    """A screenshot of the loaded workflow (banner closed, canvas zoomed so node texts are readable)
+    under the test's output folder, copied to ``<repo>/output/browser_<name>.png``."""
     browser.js("""
       const b = Array.from(document.querySelectorAll('button')).find(b => b.innerText.includes('Try it out'));
       if (b) { const close = Array.from(b.parentElement.parentElement.querySelectorAll('button')).find(x => x !== b);
                if (close) close.click(); }
-      const ds = window.app.canvas.ds; ds.scale = 0.72; ds.offset = [100 / 0.72 - 40, 140 / 0.72 - 40];
-      window.app.canvas.setDirty(true, true); return 1;""")
+      const s = arguments[0];
+      const ds = window.app.canvas.ds; ds.scale = s; ds.offset = [100 / s - 40, 140 / s - 40];
+      window.app.canvas.setDirty(true, true); return 1;""", scale)
     time.sleep(1.5)
     png = browser.screenshot_png()
-    shot = browser.out_dir / f"{MAIN}.png"
+    shot = browser.out_dir / f"{name}.png"
     shot.write_bytes(png)
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
     assert img.shape[0] >= 600 and img.shape[1] >= 800, img.shape
     assert img.std() > 10, "the screenshot is blank"
     os.makedirs(os.path.join(REPO, "output"), exist_ok=True)
-    shutil.copyfile(shot, os.path.join(REPO, "output", f"browser_{MAIN}.png"))
+    shutil.copyfile(shot, os.path.join(REPO, "output", f"browser_{name}.png"))
     print(f"screenshot: {shot}")
 
 
@@ -278,3 +286,5 @@ def test_frontend_turns_each_example_into_the_shipped_api_form(browser, name):
     got = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["prompt"].items()}
     want = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert got == want
+    if name == "quadtree_upscale_tile_prompts":     # the per-tile prompt loop, shown in the README
+        screenshot(browser, name, scale=0.62)

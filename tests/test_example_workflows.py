@@ -9,7 +9,8 @@
 * ComfyUI's template browser lists exactly the UI forms (``GET /workflow_templates``) and serves
   them and their thumbnails (``/api/workflow_templates/<pack folder>/<name>.json`` / ``.jpg``);
 * every API form runs (``POST /prompt``) with fixture nodes standing in for the checkpoint and
-  ControlNet loaders and with CPU-sized canvases and step counts, and the engine's log shows that
+  ControlNet loaders and for the captioner (``QTDTestCaptioner`` for ComfyUI's Generate Text,
+  whose model cannot be downloaded here) and with CPU-sized canvases and step counts, and the engine's log shows that
   the sampling was tiled; the Quadtree VAE nodes run exactly with a real (tiny) ComfyUI VAE
   (``QTDTestVAELoader``, in the img2img upscale) and fall back to ComfyUI's tiled VAE, with their
   log line, with the checkpoint fixture's stand-in VAE (the other workflows).
@@ -34,11 +35,12 @@ WF_DIR = os.path.join(REPO, "example_workflows")
 UI_FILES = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 EXPECTED = {"quadtree_img2img_upscale", "grid_txt2img_large", "spotdiffusion_txt2img",
-            "quadtree_upscale_tile_controlnet"}
+            "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts"}
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"   # a V3 combo whose chosen option brings its own inputs (ComfyUI 0.8+)
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 SEED_WIDGETS = ("seed", "noise_seed")     # the frontend adds control_after_generate to these by name
-FILE_COMBOS = {"ckpt_name", "control_net_name", "image", "vae_name", "lora_name", "unet_name"}
+FILE_COMBOS = {"ckpt_name", "control_net_name", "image", "vae_name", "lora_name", "unet_name", "clip_name"}
 PROMPT_TIMEOUT = 300
 RUN_DONE = re.compile(r"\[Quadtree Diffusion\] run done: (\d+) model calls, (\d+) tile evaluations")
 VAE_LINE = re.compile(r"\[Quadtree VAE\] [^\n]*")
@@ -75,14 +77,48 @@ def input_specs(info: dict) -> list:
 
 
 def is_widget(typ) -> bool:
-    return isinstance(typ, list) or typ in PRIMITIVES
+    return isinstance(typ, list) or typ in PRIMITIVES or typ == DYNAMIC_COMBO
+
+
+def option_specs(name: str, opts: dict, value) -> list:
+    """The inputs a dynamic combo's chosen option adds, named ``<combo>.<input>`` as the frontend
+    and ``/prompt`` name them, in order (required first); [] for an unknown option."""
+    for option in opts.get("options", []):
+        if option.get("key") == value:
+            inputs = option.get("inputs", {})
+            return [(f"{name}.{sub}", spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {},
+                     section == "required")
+                    for section in ("required", "optional") for sub, spec in inputs.get(section, {}).items()]
+    return []
+
+
+def widget_specs(specs: list, values: list) -> list:
+    """[(name, type, options, index of its value)] of the node's widgets in order, dynamic combos
+    expanded by their values, with the frontend's extra control / upload values skipped."""
+    out, queue, k = [], [s for s in specs if is_widget(s[1])], 0
+    while queue:
+        name, typ, opts, _req = queue.pop(0)
+        if not is_widget(typ):
+            continue
+        out.append((name, typ, opts, k))
+        value = values[k] if k < len(values) else None
+        k += 1
+        if opts.get("control_after_generate") or (typ == "INT" and name.split(".")[-1] in SEED_WIDGETS):
+            k += 1
+        if opts.get("image_upload"):
+            k += 1  # the upload button's value
+        if typ == DYNAMIC_COMBO:
+            queue = option_specs(name, opts, value) + queue
+    return out
 
 
 def check_value(node_label, name, typ, opts, value) -> list:
     errs = []
     where = f"{node_label}.{name}={value!r}"
-    if isinstance(typ, list) or typ == "COMBO":
+    if isinstance(typ, list) or typ in ("COMBO", DYNAMIC_COMBO):
         choices = typ if isinstance(typ, list) else opts.get("options", [])
+        if typ == DYNAMIC_COMBO:
+            choices = [o.get("key") for o in choices]
         if name in FILE_COMBOS:
             if not isinstance(value, str) or not value:
                 errs.append(f"{where}: expected a file name")
@@ -134,16 +170,18 @@ def validate_ui(wf: dict, object_info: dict) -> list:
         values = list(n.get("widgets_values", []))
         linked_widgets = {i["name"] for i in n.get("inputs", []) if i.get("widget") and i.get("link") is not None}
         k = 0
-        for name, typ, opts, _req in specs:
-            if not is_widget(typ):
-                continue
+        queue = [sp for sp in specs if is_widget(sp[1])]
+        while queue:
+            name, typ, opts, _req = queue.pop(0)
             if k >= len(values):
                 errs.append(f"{label}: no widget value for {name!r}")
                 break
             if name not in linked_widgets:
                 errs += check_value(label, name, typ, opts, values[k])
+            if typ == DYNAMIC_COMBO:     # the chosen option's widgets follow the combo's value
+                queue = [sp for sp in option_specs(name, opts, values[k]) if is_widget(sp[1])] + queue
             k += 1
-            if opts.get("control_after_generate") or (typ == "INT" and name in SEED_WIDGETS):
+            if opts.get("control_after_generate") or (typ == "INT" and name.split(".")[-1] in SEED_WIDGETS):
                 if k >= len(values) or values[k] not in CONTROL_VALUES:
                     errs.append(f"{label}: {name!r} must be followed by a control_after_generate value "
                                 f"{CONTROL_VALUES}, got {values[k] if k < len(values) else None!r}")
@@ -211,16 +249,8 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
         info = object_info[n["type"]]
         inputs = {}
         values = list(n["widgets_values"])
-        k = 0
-        for name, typ, opts, _req in input_specs(info):
-            if not is_widget(typ):
-                continue
+        for name, _typ, _opts, k in widget_specs(input_specs(info), values):
             inputs[name] = values[k]
-            k += 1
-            if opts.get("control_after_generate") or (typ == "INT" and name in SEED_WIDGETS):
-                k += 1
-            if opts.get("image_upload"):
-                k += 1
         for slot in n["inputs"]:
             if slot.get("link") is not None:
                 l = links[slot["link"]]
@@ -257,8 +287,8 @@ def test_validator_catches_broken_workflows(object_info):
     good = load(os.path.join(WF_DIR, "quadtree_img2img_upscale.json"))
     assert validate_ui(good, object_info) == []
 
-    def broken(mutate):
-        wf = copy.deepcopy(good)
+    def broken(mutate, base=good):
+        wf = copy.deepcopy(base)
         mutate(wf)
         return validate_ui(wf, object_info)
 
@@ -273,6 +303,15 @@ def test_validator_catches_broken_workflows(object_info):
     assert broken(lambda wf: wf["links"][0].__setitem__(5, "LATENT"))
     q = next(l for l in good["links"] if l[5] == "QUADTREE")
     assert broken(lambda wf: next(l for l in wf["links"] if l[0] == q[0]).__setitem__(2, 0))  # vis IMAGE -> quadtree
+
+    # the per-tile prompt loop: a captioner sampling mode that does not exist, a length as text
+    loop = load(os.path.join(WF_DIR, "quadtree_upscale_tile_prompts.json"))
+    assert validate_ui(loop, object_info) == []
+    assert broken(lambda wf: node(wf, "TextGenerate")["widgets_values"].__setitem__(2, "greedy"), loop)
+    assert broken(lambda wf: node(wf, "TextGenerate")["widgets_values"].__setitem__(1, "48"), loop)
+    if object_info["TextGenerate"]["input"]["required"]["sampling_mode"][0] == DYNAMIC_COMBO:
+        # "on" brings six sampling widgets (temperature ... seed) whose values are missing
+        assert broken(lambda wf: node(wf, "TextGenerate")["widgets_values"].__setitem__(2, "on"), loop)
 
 
 def test_template_browser_lists_the_ui_forms_only(comfy_server):
@@ -291,9 +330,11 @@ def test_template_browser_lists_the_ui_forms_only(comfy_server):
 
 # --------------------------------------------------------------------------- tests: runs
 
-def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False) -> dict:
-    """Fixture nodes for the loaders that need files that do not exist here (outputs map 1:1);
-    with ``real_vae`` the checkpoint's VAE output is replaced by a tiny real ComfyUI VAE."""
+def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, constant_captions: bool = False) -> dict:
+    """Fixture nodes for the loaders that need files that do not exist here (outputs map 1:1) and
+    for the captioner (``QTDTestCaptioner``: a caption from each crop's colour and size, or the
+    same caption for all with ``constant_captions``); with ``real_vae`` the checkpoint's VAE
+    output is replaced by a tiny real ComfyUI VAE."""
     p = copy.deepcopy(prompt)
     ckpts = set()
     for nid, node in p.items():
@@ -302,6 +343,12 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False) -> di
             ckpts.add(nid)
         elif node["class_type"] == "ControlNetLoader":
             node["class_type"], node["inputs"] = "QTDTestControlNetLoader", {"seed": 0}
+        elif node["class_type"] == "TextGenerate":     # the captioner: no captioning model here
+            node["class_type"] = "QTDTestCaptioner"
+            node["inputs"] = {"image": node["inputs"]["image"], "prompt": node["inputs"]["prompt"],
+                              "constant": constant_captions}
+    for nid in [k for k, v in p.items() if v["class_type"] == "CLIPLoader"]:
+        del p[nid]      # the captioning model's loader (only the captioner used it)
     if real_vae:
         for node in p.values():
             for name, value in node["inputs"].items():
@@ -357,6 +404,8 @@ RUNS = {
     "spotdiffusion_txt2img": ("local", 3, {"spotdiffusion": (384, 128)}, False),
     "quadtree_upscale_tile_controlnet": ("tiny_sd15", 2, {"tile_cn_upscale": (128, 128),
                                                           "tile_cn_visualisation": (128, 128)}, False),
+    "quadtree_upscale_tile_prompts": ("local", 3, {"tile_prompts_upscale": (128, 128),
+                                                   "tile_prompts_visualisation": (128, 128)}, True),
 }
 
 
@@ -419,3 +468,47 @@ def test_tile_controlnet_changes_the_tiled_result(comfy_server, test_image):
     with_cn, without_cn = result(prompt[apply_id]["inputs"]["strength"]), result(0.0)
     assert with_cn.shape == without_cn.shape == (128, 128, 3)
     assert np.abs(with_cn - without_cn).mean() > 1.0
+
+
+TILES_LOG = re.compile(r"\[Quadtree Diffusion\] quadtree of \d+x\d+px: (\d+) tiles")
+CROPS_LOG = re.compile(r"\[Quadtree Diffusion\] (\d+) tile crops of a (\d+)x(\d+)px image")
+PROMPTS_LOG = re.compile(r"\[Quadtree Diffusion\] (\d+) tile prompts for a (\d+)-tile layout")
+PER_TILE_LOG = re.compile(r"a prompt per tile: (\d+) tile prompts")
+
+
+def test_tile_prompt_loop_captions_every_tile_and_steers_each(comfy_server, test_image):
+    """The whole loop of workflow (5) on the server: Quadtree Tile Crops gives one crop per tile,
+    the captioner runs once per crop (ComfyUI's list execution), CLIP Text Encode once per
+    caption, Tile Conditioning takes the list and the sampler uses it per tile; captions that
+    differ per tile give another image than one caption for every tile."""
+    shipped = load(api_path("quadtree_upscale_tile_prompts"))
+    (cap_id,) = [k for k, v in shipped.items() if v["class_type"] == "TextGenerate"]
+    (save_id,) = [k for k, v in shipped.items()
+                  if v["inputs"].get("filename_prefix", "").endswith("tile_prompts_upscale")]
+
+    def run(constant):
+        p = shrink(substitute(shipped, "local", real_vae=True, constant_captions=constant), test_image, 3)
+        p[save_id]["inputs"]["filename_prefix"] += f"_constant{int(constant)}"
+        before = len(comfy_server.log_text())
+        history = comfy_server.run(p, timeout=PROMPT_TIMEOUT)
+        log = comfy_server.log_text()[before:]
+        (path,) = comfy_server.output_images(history, save_id)
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.int16)
+        return history["outputs"].get(cap_id, {}).get("text", []), log, pixels
+
+    captions, log, per_tile = run(False)
+    n_tiles = int(TILES_LOG.search(log).group(1))
+    assert n_tiles > 4, log[-3000:]
+    assert [int(v) for v in CROPS_LOG.search(log).groups()] == [n_tiles, 128, 128]
+    assert len(captions) == n_tiles, captions
+    assert len(set(captions)) > 1, captions            # the crops differ, so do their captions
+    for caption in captions:
+        assert re.fullmatch(r"a (dark|mid-toned|bright) \w+ region, \d+x\d+ pixels", caption), caption
+    assert [int(v) for v in PROMPTS_LOG.search(log).groups()] == [n_tiles, n_tiles]
+    assert int(PER_TILE_LOG.search(log).group(1)) == n_tiles, log[-3000:]   # the sampler used them
+
+    constant_captions, _log, one_prompt = run(True)
+    assert len(constant_captions) == n_tiles and len(set(constant_captions)) == 1
+    assert per_tile.shape == one_prompt.shape == (128, 128, 3)
+    assert np.abs(per_tile - one_prompt).mean() > 0.5

@@ -4,6 +4,8 @@ Installed into a test server's ``custom_nodes`` folder (as a symlink) by tests/s
 
 * ``QTDTestCheckpointLoader`` (kind, seed) -> (MODEL, CLIP, VAE): drop-in for CheckpointLoaderSimple.
 * ``QTDTestConditioning`` (text) -> CONDITIONING.
+* ``QTDTestCaptioner`` (image, prompt, constant) -> STRING, and a stand-in ``TextGenerate`` where
+  ComfyUI lacks it (``captioner_fixture.py``): the captioner of the per-tile prompt example.
 * ``QTDTestVAELoader`` (seed) -> VAE: a tiny real ``comfy.sd.VAE`` (ComfyUI's AutoencoderKL with
   seeded weights, ``fx.tiny_vae``), which the Quadtree VAE nodes run exactly; the checkpoint
   loader's VAE (a duck-typed linear stand-in) makes them fall back to ComfyUI's tiled VAE.
@@ -105,11 +107,15 @@ NODE_DISPLAY_NAME_MAPPINGS = {
 }
 
 # Extra fixture nodes kept in their own files (ControlNet for the Tile-ControlNet example
-# workflow's test; a model that really denoises, for the demo).
+# workflow's test; a model that really denoises, for the demo; the captioner of the per-tile
+# prompt example).
 from .controlnet_fixture import NODE_CLASS_MAPPINGS as _CN_NODES, NODE_DISPLAY_NAME_MAPPINGS as _CN_NAMES  # noqa: E402
 from .denoiser_fixture import NODE_CLASS_MAPPINGS as _DN_NODES, NODE_DISPLAY_NAME_MAPPINGS as _DN_NAMES  # noqa: E402
+from .captioner_fixture import NODE_CLASS_MAPPINGS as _CAP_NODES, NODE_DISPLAY_NAME_MAPPINGS as _CAP_NAMES  # noqa: E402
 
 NODE_CLASS_MAPPINGS.update(_CN_NODES)
 NODE_CLASS_MAPPINGS.update(_DN_NODES)
+NODE_CLASS_MAPPINGS.update(_CAP_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_CAP_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_CN_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_DN_NAMES)
