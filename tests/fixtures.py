@@ -24,6 +24,8 @@ FixtureCLIP(dim=64), FixtureVAE()
 empty_latent(width, height, batch_size=1) -> LATENT dict
 run_ksampler(model, positive, negative, latent, seed=0, steps=4, cfg=7.0,
              sampler_name="euler", scheduler="normal", denoise=1.0) -> torch.Tensor
+logged(model) -> (ModelPatcher, CallLog)        (records what the model is given: per tile batch
+                                                  when set before Quadtree Diffusion)
 call_node(node_class, **inputs) -> tuple         (V1 and V3 node classes)
 synthetic_photo(width=512, height=512, seed=0) -> IMAGE tensor [1,H,W,3]
 """
@@ -35,6 +37,7 @@ import importlib.util
 import math
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -654,6 +657,46 @@ def run_ksampler(model, positive, negative, latent, seed: int = 0, steps: int = 
     (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler,
                                          positive, negative, latent, denoise=denoise)
     return out["samples"]
+
+
+
+class ModelInput(NamedTuple):
+    """What the model was given in one call: ``x`` (a detached copy of the input), ``c`` (the
+    conditioning keyword arguments as given: c_crossattn, y, c_concat, ``transformer_options``,
+    ``control``, ...) and ``t`` (the timestep)."""
+    x: torch.Tensor
+    c: dict
+    t: torch.Tensor
+
+
+class CallLog:
+    """A unet function wrapper (``set_model_unet_function_wrapper``) that records every model call and
+    passes it on unchanged.  Set *before* Quadtree Diffusion, it is the engine's inner wrapper: the engine
+    calls it once per tile batch, so it sees exactly what the model is given.
+
+    ``calls``: one :class:`ModelInput` per call; ``shapes``: the input shapes, in call order."""
+
+    def __init__(self):
+        self.calls: list[ModelInput] = []
+
+    def __deepcopy__(self, memo):      # ModelPatcher.clone() deep-copies model_options: keep this one log
+        return self
+
+    def __call__(self, apply_model, args, *extra, **kwargs):
+        self.calls.append(ModelInput(args["input"].detach().clone(), args["c"], args["timestep"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    @property
+    def shapes(self) -> list[tuple]:
+        return [tuple(call.x.shape) for call in self.calls]
+
+
+def logged(model):
+    """``(clone of model with a CallLog as its unet function wrapper, the CallLog)``."""
+    m = model.clone()
+    log = CallLog()
+    m.set_model_unet_function_wrapper(log)
+    return m, log
 
 
 def call_node(node_class, **inputs):

@@ -28,25 +28,6 @@ def tiled(pack, fx, model, **kw):
     return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
 
 
-class CallLog:
-    def __init__(self):
-        self.calls = []
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, apply_model, args, *a, **kw):
-        self.calls.append((args["input"].detach().clone(), args["c"]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-
-def logged(model):
-    m = model.clone()
-    log = CallLog()
-    m.set_model_unet_function_wrapper(log)
-    return m, log
-
-
 def cosmos_family():
     import comfy.supported_models as sm
     names = [m.__name__ for m in sm.models]
@@ -56,27 +37,27 @@ def cosmos_family():
 def test_cosmos_patch_spatial_aligns_odd_tiles(pack, fx):
     t = fam.tiny(cosmos_family())
     assert pack.utils.latent_patch_size(t.model.model) == 2
-    m, log = logged(t.model)
+    m, log = fx.logged(t.model)
     lat = torch.randn(2, 16, 1, 26, 30, generator=torch.Generator().manual_seed(1))
     out = fx.run_ksampler(tiled(pack, fx, m, tile_width=104, tile_height=120, tile_overlap=24), t.positive,
                           t.negative, lat, steps=2, cfg=3.0, denoise=0.8)
     assert torch.isfinite(out).all() and out.shape == lat.shape
-    sizes = {tuple(x.shape[-2:]) for x, _ in log.calls}
+    sizes = {s[-2:] for s in log.shapes}
     assert sizes and all(h % 2 == 0 and w % 2 == 0 for h, w in sizes), sizes
-    assert all(x.shape[2] == 1 for x, _ in log.calls)
+    assert all(s[2] == 1 for s in log.shapes)
 
 
 def test_pixart_small_tiles_enlarged_not_crashing(pack, fx, caplog):
     t = fam.tiny("PixArtSigma")
     mt = pack.model_families.min_tile(t.model.model)
     assert mt == 34                 # (h + w) / 2 must exceed 32 latent px; on the 2x2 patch grid
-    m, log = logged(t.model)
+    m, log = fx.logged(t.model)
     lat = t.latent.repeat(2, 1, 1, 1)
     with caplog.at_level(logging.INFO):
         out = fx.run_ksampler(tiled(pack, fx, m, tile_width=128, tile_height=128, tile_overlap=32), t.positive,
                               t.negative, lat, steps=2, cfg=3.0, denoise=0.8)
     assert torch.isfinite(out).all()
-    assert all(min(x.shape[-2:]) >= mt for x, _ in log.calls)
+    assert all(min(s[-2:]) >= mt for s in log.shapes)
     assert any("enlarged" in r.getMessage() and "no tile under" in r.getMessage() for r in caplog.records)
     # quadtree tiles of 4-8 latent px: evaluated in enlarged windows
     img = fx.synthetic_photo(512, 512, seed=1)
@@ -86,7 +67,7 @@ def test_pixart_small_tiles_enlarged_not_crashing(pack, fx, caplog):
     log.calls.clear()
     out = fx.run_ksampler(tiled(pack, fx, m, quadtree=layout, tile_overlap=16), t.positive, t.negative, lat,
                           steps=1, cfg=3.0, denoise=0.8)
-    assert torch.isfinite(out).all() and all(min(x.shape[-2:]) >= mt for x, _ in log.calls)
+    assert torch.isfinite(out).all() and all(min(s[-2:]) >= mt for s in log.shapes)
 
 
 def test_pixart_spot_quadtree_refused_clearly(pack, fx):
@@ -101,7 +82,7 @@ def test_pixart_spot_quadtree_refused_clearly(pack, fx):
 
 def test_cascade_b_effnet_cropped_after_canvas_resample(pack, fx):
     t = fam.tiny("Stable_Cascade_B")
-    m, log = logged(t.model)
+    m, log = fx.logged(t.model)
     lat = t.latent.repeat(2, 1, 1, 1)
     out = fx.run_ksampler(tiled(pack, fx, m, tile_width=128, tile_height=128, tile_overlap=64), t.positive,
                           t.negative, lat, steps=1, cfg=3.0, denoise=0.8)
@@ -109,7 +90,7 @@ def test_cascade_b_effnet_cropped_after_canvas_resample(pack, fx):
     prior = t.positive[0][1]["stable_cascade_prior"]
     canvas = torch.nn.functional.interpolate(prior, size=(16, 16), mode="bilinear", align_corners=True)
     seen = set()
-    for x, c in log.calls:
+    for x, c, _ in log.calls:
         eff = c["effnet"]
         h, w = x.shape[-2:]
         assert tuple(eff.shape[-2:]) == (h // 4, w // 4) and eff.shape[0] == x.shape[0]
@@ -129,12 +110,12 @@ def test_hidream_llama_tokens_never_cropped(pack, fx):
     llama = lambda s: torch.randn(1, 2, 16, 48, generator=torch.Generator().manual_seed(s))   # noqa: E731
     pos = node_helpers.conditioning_set_values(t.positive, {"conditioning_llama3": llama(1)})
     neg = node_helpers.conditioning_set_values(t.negative, {"conditioning_llama3": llama(2)})
-    m, log = logged(t.model)
+    m, log = fx.logged(t.model)
     lat = torch.randn(1, 16, 16, 48, generator=torch.Generator().manual_seed(3))
     out = fx.run_ksampler(tiled(pack, fx, m, tile_width=128, tile_height=128, tile_overlap=32), pos, neg, lat,
                           steps=1, cfg=3.0, denoise=0.8)
     assert torch.isfinite(out).all()
-    assert log.calls and all(c["encoder_hidden_states_llama3"].shape[-2:] == (16, 48) for _, c in log.calls)
+    assert log.calls and all(call.c["encoder_hidden_states_llama3"].shape[-2:] == (16, 48) for call in log.calls)
 
 
 def test_untileable_family_refused_clearly(pack):

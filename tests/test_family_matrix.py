@@ -55,28 +55,6 @@ def tiny(name):
     return _BUILT[name]
 
 
-class CallLog:
-    """A unet function wrapper set *before* Quadtree Diffusion: the engine calls it once per tile
-    batch, so it sees exactly what the model is given."""
-
-    def __init__(self):
-        self.shapes = []
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, apply_model, args, *a, **kw):
-        self.shapes.append(tuple(args["input"].shape))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-
-def logged(model):
-    m = model.clone()
-    log = CallLog()
-    m.set_model_unet_function_wrapper(log)
-    return m, log
-
-
 def batch(t, n):
     lat = t.latent
     if "frames_batch" in t.extra:          # SVD-style video: the frames are the batch
@@ -132,7 +110,7 @@ def check_inputs(pack, t, shapes, canvas):
 def tiled_run(pack, fx, t, mode, n, **kw):
     """(output, latent, model input shapes) of a grid or quadtree run at batch ``n``."""
     c = pack.utils.latent_compression(t.model.model)
-    m, log = logged(t.model)
+    m, log = fx.logged(t.model)
     lat = batch(t, n)
     if mode == "grid":
         tm = node_model(pack, fx, m, tile_width=t.tile * c, tile_height=t.tile * c, tile_overlap=t.tile * c // 2, **kw)
@@ -168,7 +146,7 @@ def test_family(pack, fx, name):
     c = pack.utils.latent_compression(base)
     H, W = lat.shape[-2:]
     ref = sample(fx, t.model, t, lat)
-    m, log = logged(t.model)
+    m, log = fx.logged(t.model)
     one = sample(fx, node_model(pack, fx, m, tile_width=W * c, tile_height=H * c, tile_overlap=0), t, lat)
     assert log.shapes and all(s[-2:] == (H, W) for s in log.shapes)
     canvas = log.shapes[0]

@@ -1,8 +1,7 @@
-"""The test fixtures themselves: real ComfyUI classes, finite, deterministic, fast, and the local
+"""The test fixtures themselves: real ComfyUI classes, finite, deterministic, and the local
 model really has the receptive field it claims."""
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -45,24 +44,16 @@ def test_tiny_sd15_is_a_real_comfy_model():
         assert torch.isfinite(p).all(), name
 
 
-def test_tiny_sd15_step_is_finite_deterministic_and_fast():
+def test_tiny_sd15_step_is_finite_deterministic():
     m = fx.tiny_sd15(0)
     cond = fx.tiny_conditioning("a photo of a cat")
     x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))
-    out = _apply(m, x, 5.0, cond)  # warm-up
-    # CPU time (all threads), best of 3: robust when the machine is shared with other jobs.
-    # "Well under a second on 2 cores" means < 1 s wall, i.e. < 2 CPU-seconds; typical is ~0.3.
-    timings = []
-    for _ in range(3):
-        t0 = time.process_time()
-        out = _apply(m, x, 5.0, cond)
-        timings.append(time.process_time() - t0)
-    cpu_seconds = min(timings)
+    out = _apply(m, x, 5.0, cond)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert out.std() > 0
+    assert torch.equal(out, _apply(m, x, 5.0, cond)), "same model, same input: same output"
     assert torch.equal(out, _apply(fx.tiny_sd15(0), x, 5.0, cond)), "same seed, same weights"
     assert not torch.equal(out, _apply(fx.tiny_sd15(1), x, 5.0, cond)), "seed changes the weights"
-    assert cpu_seconds < 2.0, f"64x64 latent step took {cpu_seconds:.2f} CPU-seconds"
 
 
 @pytest.mark.parametrize("factory", [fx.local_model, fx.tiny_sd15], ids=["local", "tiny_sd15"])

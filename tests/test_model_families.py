@@ -108,28 +108,6 @@ FAMILIES = ["sdxl", "sd3", "flux", "flux_fill", "kontext", "wan"]
 
 # --------------------------------------------------------------------------- helpers
 
-class CallLog:
-    """A unet function wrapper set *before* Quadtree Diffusion: the engine calls it per tile batch
-    (as its inner wrapper), so it sees exactly what the model is given."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __deepcopy__(self, memo):      # ModelPatcher.clone() deep-copies model_options
-        return self
-
-    def __call__(self, apply_model, args):
-        self.calls.append({"x": args["input"].detach().clone(), "c": args["c"], "t": args["timestep"]})
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-
-def logged(model):
-    m = model.clone()
-    log = CallLog()
-    m.set_model_unet_function_wrapper(log)
-    return m, log
-
-
 def quadtree_layout(pack, fx):
     img = fx.synthetic_photo(W_PX, H_PX, seed=1)
     _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=img, content_threshold=20.0, min_tile_size=32,
@@ -155,12 +133,12 @@ def test_family_tiled_sampling(pack, fx, name):
     for mode, batch in (("grid", 1), ("quadtree", 2)) if name != "flux" else \
             (("grid", 1), ("grid", 2), ("quadtree", 1), ("quadtree", 2)):
         model, pos, neg, lat = family(fx, name, batch)
-        m, log = logged(model)
+        m, log = fx.logged(model)
         out = fx.run_ksampler(tiled(pack, fx, m, mode), pos, neg, lat, steps=2, cfg=3.0)
         assert out.shape == lat.shape and torch.isfinite(out).all(), (mode, batch)
         assert log.calls
         for call in log.calls:
-            x, c = call["x"], call["c"]
+            x, c = call.x, call.c
             assert x.shape[1:-2] == lat.shape[1:-2]                  # channels (and T) untouched
             assert x.shape[-2] < lat.shape[-2] or x.shape[-1] < lat.shape[-1]   # a tile, not the canvas
             assert x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0     # no padding by 2x2-patch models
@@ -198,7 +176,7 @@ def test_conditioning_per_tile(pack, fx):
     FLUX Fill c_concat cropped to the tile, Kontext ref_latents whole, chunk-major rows."""
     def canvas_and_tiles(name):
         model, pos, neg, lat = family(fx, name, 2)
-        m, log = logged(model)
+        m, log = fx.logged(model)
         fx.run_ksampler(m, pos, neg, lat, steps=1, cfg=3.0)
         (full,) = log.calls
         log.calls.clear()
@@ -208,27 +186,27 @@ def test_conditioning_per_tile(pack, fx):
 
     for name in ("sdxl", "flux_fill", "kontext"):
         full, calls, plan = canvas_and_tiles(name)
-        N = full["x"].shape[0]                  # 2 chunks x 2 items
+        N = full.x.shape[0]                  # 2 chunks x 2 items
         seen = set()
         for call in calls:
-            k = call["x"].shape[0] // N
-            x = call["x"].reshape(2, k, 2, *call["x"].shape[1:])
+            k = call.x.shape[0] // N
+            x = call.x.reshape(2, k, 2, *call.x.shape[1:])
             for j in range(k):
                 # which window is tile j: find it from the latent itself (x is the noisy canvas)
                 wins = [w for w in plan.windows if w.size == x.shape[-2:]
-                        and torch.equal(x[:, j], full["x"].reshape(2, 2, *full["x"].shape[1:])[..., w.y0:w.y1, w.x0:w.x1])]
+                        and torch.equal(x[:, j], full.x.reshape(2, 2, *full.x.shape[1:])[..., w.y0:w.y1, w.x0:w.x1])]
                 assert len(wins) >= 1
                 w = wins[0]
                 seen.add((w.y0, w.x0))
-                for key, v in call["c"].items():
+                for key, v in call.c.items():
                     if key in ("transformer_options", "control"):
                         continue
-                    fv = full["c"][key]
+                    fv = full.c[key]
                     if key == "ref_latents":
                         for a, b in zip(v, fv):
                             assert torch.equal(a.reshape(2, k, 2, *a.shape[1:])[:, j], b.reshape(2, 2, *b.shape[1:]))
                         continue
-                    if not torch.is_tensor(v) or v.shape[0] != call["x"].shape[0]:
+                    if not torch.is_tensor(v) or v.shape[0] != call.x.shape[0]:
                         continue
                     vv = v.reshape(2, k, 2, *v.shape[1:])[:, j]
                     fvv = fv.reshape(2, 2, *fv.shape[1:])
@@ -267,13 +245,13 @@ def test_flux_tiles_never_padded(pack, fx):
     only gets even-sized tiles, except one flush with the odd edge."""
     model, pos, neg, _ = family(fx, "flux", 1)
     lat = torch.zeros(1, 16, 11, 14)
-    m, log = logged(model)
+    m, log = fx.logged(model)
     out = fx.run_ksampler(tiled(pack, fx, m, "grid", tile_width=40, tile_height=40, tile_overlap=24), pos, neg,
                           lat, steps=1, cfg=1.0)
     assert torch.isfinite(out).all()
     assert log.calls
     for call in log.calls:
-        h, w = call["x"].shape[-2:]
+        h, w = call.x.shape[-2:]
         assert (h % 2 == 0 or h == 11) and w % 2 == 0, (h, w)
 
 
@@ -285,7 +263,7 @@ def test_spot_diffusion_tiles_are_the_shifted_partition(pack, fx, name):
     windows are exactly the partition (each once)."""
     sd = pack.spot_diffusion
     model, pos, neg, lat = family(fx, name, 2)
-    m, log = logged(model)
+    m, log = fx.logged(model)
     fx.run_ksampler(m, pos, neg, lat, steps=1, cfg=3.0)
     (full,) = log.calls
     log.calls.clear()
@@ -295,12 +273,12 @@ def test_spot_diffusion_tiles_are_the_shifted_partition(pack, fx, name):
     ys, xs = sd.step_offsets(1, plan.periods, "random", 0, plan.align, sd.DEFAULT_SCHEDULE, plan.partition.rest())
     windows = plan.spot_windows(ys[0], xs[0])
     assert plan.periods == (4, 6) and len(windows) > 1
-    N = full["x"].shape[0]
-    canvas = full["x"].reshape(2, 2, *full["x"].shape[1:])
+    N = full.x.shape[0]
+    canvas = full.x.reshape(2, 2, *full.x.shape[1:])
     seen = []
     for call in log.calls:
-        k = call["x"].shape[0] // N
-        x = call["x"].reshape(2, k, 2, *call["x"].shape[1:])
+        k = call.x.shape[0] // N
+        x = call.x.reshape(2, k, 2, *call.x.shape[1:])
         assert x.shape[3:-2] == lat.shape[1:-2]                      # channels (and T) untouched
         for j in range(k):
             (w,) = [w for w in windows
@@ -308,7 +286,7 @@ def test_spot_diffusion_tiles_are_the_shifted_partition(pack, fx, name):
             assert w.y0 % 2 == 0 and w.x0 % 2 == 0 and w.size[0] % 2 == 0 and w.size[1] % 2 == 0
             seen.append(w)
             if name == "flux_fill":
-                v, fv = call["c"]["c_concat"], full["c"]["c_concat"]
+                v, fv = call.c["c_concat"], full.c["c_concat"]
                 vv = v.reshape(2, k, 2, *v.shape[1:])[:, j]
                 assert torch.equal(vv, fv.reshape(2, 2, *fv.shape[1:])[..., w.y0:w.y1, w.x0:w.x1])
     assert sorted(seen, key=lambda w: w.core) == sorted(windows, key=lambda w: w.core)
