@@ -16,15 +16,23 @@ for regional prompts exactly as for the global one:
 
 With one tile covering the canvas, w slid inside A is A: the call is ComfyUI's untiled area call.
 
+A prompt with a plain mask (``ConditioningSetMask`` without ``mask bounds``) is a canvas call:
+ComfyUI weights its x0 by the mask, mult = mask * strength, so where the mask is 0 its x0 does not
+count.  Its chunks are evaluated only on the windows holding a pixel of the mask's support
+{mask != 0}: every window covering a pixel of the support is one of them, so there the blend
+weights, normalised over these windows, are the canvas's; elsewhere its weight is 0.
+
 Where the area sits is not in the model call: a keyed ``CALC_COND_BATCH`` wrapper
-(:class:`RegionRecorder`) records, per cond ``uuid``, the area ComfyUI resolved for it, and the
-engine looks the call's chunks up by ``transformer_options['uuids']``.
+(:class:`RegionRecorder`) records, per cond ``uuid``, the area ComfyUI resolved for it (or its
+mask's support), and the engine looks the call's chunks up by ``transformer_options['uuids']``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .utils import RUN_KEY, cond_dicts, group_by_size
+import torch
+
+from .utils import RUN_KEY, cond_dicts, counts_in, group_by_size, summed_area
 
 KEY = "quadtree_diffusion_regions"      # key of the keyed CALC_COND_BATCH wrapper
 
@@ -39,21 +47,55 @@ def area_box(area, H: int, W: int):
     return y, x, min(H - y, h), min(W - x, w)
 
 
+def mask_support(cond: dict, H: int, W: int) -> torch.Tensor | None:
+    """Summed-area table of {mask * mask_strength != 0} over the H x W canvas (any batch item or
+    frame) of a prompt with a plain mask; None without one, or with an area (an area call)."""
+    mask = cond.get("mask")
+    if "area" in cond or not torch.is_tensor(mask) or mask.ndim < 2 or tuple(mask.shape[-2:]) != (H, W):
+        return None
+    support = (mask != 0).reshape(-1, H, W).any(dim=0)
+    if cond.get("mask_strength", 1.0) == 0:
+        support = torch.zeros_like(support)
+    return summed_area(support.cpu())
+
+
 class RegionRecorder:
-    """The keyed ``CALC_COND_BATCH`` wrapper that records each cond's area on the run."""
+    """The keyed ``CALC_COND_BATCH`` wrapper that records each cond's area (or mask) on the run."""
 
     def __deepcopy__(self, memo):
         return self      # no state: shared by model clones
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
-        """Record the area of every cond of this call by its uuid (the run keeps them), pass all on."""
+        """Record the area or plain mask of every cond of this call by its uuid (the run keeps
+        them), pass all on."""
         run = model_options.get("transformer_options", {}).get(RUN_KEY)
         if run is not None:
             H, W = int(x_in.shape[-2]), int(x_in.shape[-1])
             for _, c in cond_dicts(conds):
-                if "area" in c and c.get("uuid") not in run.areas:
-                    run.areas[c.get("uuid")] = area_box(c["area"], H, W)
+                uuid = c.get("uuid")
+                if "area" in c and uuid not in run.areas:
+                    run.areas[uuid] = area_box(c["area"], H, W)
+                elif "mask" in c and uuid not in run.masks:
+                    run.masks[uuid] = mask_support(c, H, W)
         return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+
+
+def chunk_masks(run, to: dict, n_chunks: int) -> list | None:
+    """Per chunk of a canvas call, the summed-area table of its mask prompt's support, or None for a
+    prompt without a mask; None when no chunk has one."""
+    uuids = to.get("uuids") or []
+    if run is None or not run.masks or len(uuids) < n_chunks:
+        return None
+    sats = [run.masks.get(u) for u in uuids[:n_chunks]]
+    return sats if any(s is not None for s in sats) else None
+
+
+def touching(sat: torch.Tensor, windows, evaluated: tuple, cores: bool) -> tuple:
+    """The evaluated windows holding a pixel of the mask's support: in their written part, the core
+    (``cores``, SpotDiffusion's partition) or the whole window (blended windows)."""
+    rects = [windows[i].core if cores else (windows[i].y0, windows[i].y1, windows[i].x0, windows[i].x1)
+             for i in evaluated]
+    return tuple(i for i, n in zip(evaluated, counts_in(sat, rects)) if n > 0)
 
 
 def chunk_boxes(run, to: dict, n_chunks: int, h: int, w: int) -> list | None:

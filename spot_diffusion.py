@@ -193,18 +193,3 @@ class SpotPartition:
         wins = [w for oy in ext[0] for ox in ext[1] for w, _ in self.windows(oy, ox, margin)]
         return max(w[1] - w[0] for w in wins), max(w[3] - w[2] for w in wins)
 
-
-# --------------------------------------------------------------------------- which tiles to evaluate
-
-def summed_area(mask: torch.Tensor) -> torch.Tensor:
-    """S[y, x] = number of set pixels of ``mask[:y, :x]`` ([H+1, W+1], int64)."""
-    return torch.nn.functional.pad(mask.to(torch.int64).cumsum(0).cumsum(1), (1, 0, 1, 0))
-
-
-def counts_in(sat: torch.Tensor, rects) -> list[int]:
-    """Set pixels inside each rectangle (y0, y1, x0, x1): S(y1,x1) - S(y0,x1) - S(y1,x0) + S(y0,x0)."""
-    if not rects:
-        return []
-    r = torch.tensor(rects, dtype=torch.int64)
-    y0, y1, x0, x1 = r.unbind(1)
-    return (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]).tolist()

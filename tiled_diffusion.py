@@ -32,7 +32,8 @@ from . import tile_conditioning as tcond
 from . import variable_denoise as vd
 from .tile_control import TileControl
 from .tile_patches import tile_transformer_options
-from .utils import RUN_KEY, SPOT_KEY, WRAPPER_KEY, group_by_size, latent_compression, latent_patch_size
+from .utils import (RUN_KEY, SPOT_KEY, WRAPPER_KEY, counts_in, group_by_size, latent_compression, latent_patch_size,
+                    summed_area)
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +434,7 @@ class Plan:
             mask = torch.zeros(self.H, self.W, dtype=torch.bool)
             for lvl in levels:
                 mask |= self.level_ids == lvl
-            hit = self._sat_cache[levels] = sd.summed_area(mask)
+            hit = self._sat_cache[levels] = summed_area(mask)
         return hit
 
     def spot_evaluated(self, active_levels: set, windows: tuple) -> tuple[tuple, int]:
@@ -442,12 +443,12 @@ class Plan:
         if len(active_levels) == len(self.levels):
             return tuple(range(len(windows))), 0
         cores = [w.core for w in windows]
-        active = sd.counts_in(self._sat(frozenset(active_levels)), cores)
+        active = counts_in(self._sat(frozenset(active_levels)), cores)
         evaluated = tuple(i for i, n in enumerate(active) if n > 0)
         if not self.n_skipped:
             return evaluated, 0
         unskipped = frozenset(lvl for lvl, (_, sk) in enumerate(self.levels) if not sk)
-        live = sd.counts_in(self._sat(unskipped), cores)
+        live = counts_in(self._sat(unskipped), cores)
         return evaluated, sum(1 for n in live if n == 0)
 
     def max_window(self, margin: int = 0) -> tuple[int, int]:
@@ -531,9 +532,10 @@ class RunState:
     batch: dict = field(default_factory=dict)    # (device, window size) -> auto tile batch
     hints: dict = field(default_factory=dict)    # prepared canvas-sized control hints (tile_control.py)
     areas: dict = field(default_factory=dict)    # cond uuid -> its area's (y, x, h, w) box (regional.py)
+    masks: dict = field(default_factory=dict)    # cond uuid -> summed-area table of its mask's support (regional.py)
     prompts: dict = field(default_factory=dict)  # cond uuid -> tile prompts encoded (tile_conditioning.py)
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
-                                                 "schedule_saved": 0})
+                                                 "schedule_saved": 0, "mask_saved": 0})
     logged: set = field(default_factory=set)
 
     @property
@@ -665,8 +667,9 @@ class TiledDiffusion:
                         "per-step settings (variable denoise, SpotDiffusion shifts) stayed at the first step; "
                         "use a KSampler / SamplerCustom sampler", PV)
         log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
-                 "skip (of %d for all tiles at every call)", P, s["calls"], s["tiles"],
-                 s["schedule_saved"], s["skip_saved"], s["full"])
+                 "skip (of %d for all tiles at every call)%s", P, s["calls"], s["tiles"],
+                 s["schedule_saved"], s["skip_saved"], s["full"],
+                 f"; {s['mask_saved']} mask-prompt evaluations saved where its mask is 0" if s["mask_saved"] else "")
 
     # ---- the unet wrapper
     def __call__(self, apply_model, args, *extra, **kwargs):
@@ -736,7 +739,11 @@ class TiledDiffusion:
             st["schedule_saved"] += len(windows) - skipped - len(evaluated)
         if not evaluated:
             return _broadcast_source(src, x, n_chunks)
-        blend = self._evaluate(model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights, run)
+        masks = regional.chunk_masks(run, to, n_chunks)
+        if masks is None:
+            blend = self._evaluate(model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights, run)
+        else:
+            blend = self._evaluate_masked(model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights, run, masks)
         if all(a == 1.0 and b == 1.0 for a, b in coeffs):
             return blend
         A, beta = plan.activity_maps(coeffs)
@@ -884,6 +891,31 @@ class TiledDiffusion:
                         ov[..., wi.y0:wi.y1, wi.x0:wi.x1].addcmul_(pv[:, j], weights[i])
         return out
 
+    def _evaluate_masked(self, model: ModelCall, x, t, c, cou, n_chunks, plan: Plan, windows, evaluated, weights,
+                         run, masks):
+        """``_evaluate`` with the chunks of each mask prompt evaluated only on the windows holding a
+        pixel of its mask's support (regional.py); ComfyUI weights its x0 by 0 everywhere else.
+        Chunks that need the same windows share model calls."""
+        groups: dict = {}           # windows to evaluate -> the chunks that need them
+        for j, sat in enumerate(masks):
+            ev = evaluated if sat is None else regional.touching(sat, windows, evaluated, cores=weights is None)
+            if sat is not None and run.once(f"mask{id(sat)}"):
+                log.info("%s prompt with a mask: evaluated on the %d of %d tile windows that hold its mask", P,
+                         len(ev), len(evaluated))
+            run.stats["mask_saved"] += len(evaluated) - len(ev)
+            groups.setdefault(ev, []).append(j)
+        run.stats["tiles"] += sum(len(ev) for ev in groups) - len(evaluated)
+        out = torch.zeros_like(x)           # x0 of a mask prompt where its mask is 0: weighted 0 by ComfyUI
+        for ev, chunks in groups.items():
+            if not ev:
+                continue
+            wts = plan.normalized(ev) if weights is not None and ev != evaluated else weights
+            if len(chunks) == n_chunks:
+                return self._evaluate(model, x, t, c, cou, n_chunks, plan, windows, ev, wts, run)
+            rows, tr, cr, coul = _chunk_subset(x, t, c, cou, n_chunks, chunks)
+            out[rows] = self._evaluate(model, x[rows], tr, cr, coul, len(chunks), plan, windows, ev, wts, run)
+        return out
+
     def _area_call(self, model: ModelCall, x, t, c, cou, n_chunks, base, run):
         """A call on part of the canvas (a prompt with an area): each group of chunks with the same
         box on the canvas is evaluated with the canvas plan restricted to that box (regional.py)."""
@@ -892,20 +924,13 @@ class TiledDiffusion:
         boxes = regional.chunk_boxes(run, to, n_chunks, h, w)
         if boxes is None or len(self.cfg.layouts) > 1:
             return self._area_grid_call(model, x, t, c, cou, n_chunks, base, run)
-        N = x.shape[0]
-        B = N // n_chunks
         out = torch.empty_like(x)
         for box in dict.fromkeys(boxes):          # the distinct boxes, in call order
             chunks = [j for j, b in enumerate(boxes) if b == box]
             if len(chunks) == n_chunks:
                 return self._area_item(model, x, t, c, cou, n_chunks, run, base, box)
-            rows = [j * B + b for j in chunks for b in range(B)]
-            tr = t[rows] if t.ndim > 0 and t.shape[0] == N else t
-            cr = select_rows(c, rows, N)
-            cr["transformer_options"] = {**to, "uuids": [to["uuids"][j] for j in chunks],
-                                         "cond_or_uncond": [cou[j] for j in chunks]}
-            out[rows] = self._area_item(model, x[rows], tr, cr, [cou[j] for j in chunks], len(chunks), run, base,
-                                        box)
+            rows, tr, cr, coul = _chunk_subset(x, t, c, cou, n_chunks, chunks)
+            out[rows] = self._area_item(model, x[rows], tr, cr, coul, len(chunks), run, base, box)
         return out
 
     def _area_item(self, model: ModelCall, x, t, c, cou, n_chunks, run, base, box):
@@ -1035,6 +1060,22 @@ def select_rows(c: dict, rows: slice, N: int) -> dict:
             return v.select_rows(rows, N)
         return v[rows] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == N else v
     return {k: (v if k == "transformer_options" else map_tensors(v, one)) for k, v in c.items()}
+
+
+def _chunk_subset(x, t, c, cou, n_chunks: int, chunks: list):
+    """(rows, timestep, model kwargs, cond_or_uncond) of some cond chunks of a call (rows are
+    chunk-major), with ``transformer_options``' per-chunk lists cut to match."""
+    N = x.shape[0]
+    B = N // n_chunks
+    to = c.get("transformer_options", {})
+    rows = [j * B + b for j in chunks for b in range(B)]
+    tr = t[rows] if t.ndim > 0 and t.shape[0] == N else t
+    cr = select_rows(c, rows, N)
+    coul = [cou[j] for j in chunks]
+    cr["transformer_options"] = {**to, "cond_or_uncond": coul}
+    if "uuids" in to:
+        cr["transformer_options"]["uuids"] = [to["uuids"][j] for j in chunks]
+    return rows, tr, cr, coul
 
 
 def _source_fits(src: torch.Tensor, x: torch.Tensor, n_chunks: int) -> bool:

@@ -1,5 +1,8 @@
-"""What the nodes and the tile engine both need: option keys and the model's latent geometry."""
+"""What the nodes and the tile engine both need: option keys, the model's latent geometry, and
+counting set pixels per rectangle."""
 from __future__ import annotations
+
+import torch
 
 WRAPPER_KEY = "quadtree_diffusion"            # key of our keyed wrappers on the model clone
 RUN_KEY = "quadtree_diffusion_run"            # transformer_options entry holding the per-run state
@@ -63,3 +66,17 @@ def group_by_size(evaluated, windows) -> list[list[int]]:
     for i in evaluated:
         by_size.setdefault(windows[i].size, []).append(i)
     return list(by_size.values())
+
+
+def summed_area(mask: torch.Tensor) -> torch.Tensor:
+    """S[y, x] = number of set pixels of ``mask[:y, :x]`` ([H+1, W+1], int64)."""
+    return torch.nn.functional.pad(mask.to(torch.int64).cumsum(0).cumsum(1), (1, 0, 1, 0))
+
+
+def counts_in(sat: torch.Tensor, rects) -> list[int]:
+    """Set pixels inside each rectangle (y0, y1, x0, x1): S(y1,x1) - S(y0,x1) - S(y1,x0) + S(y0,x0)."""
+    if not rects:
+        return []
+    r = torch.tensor(rects, dtype=torch.int64)
+    y0, y1, x0, x1 = r.unbind(1)
+    return (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]).tolist()

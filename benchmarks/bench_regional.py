@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Model work of regional prompts under tiling: model pixels per step with one small area prompt
-versus without, and against ComfyUI's untiled sampling, through the real KSampler.
+(or one plain mask prompt) versus without, and against ComfyUI's untiled sampling, through the
+real KSampler.
 
     .cache/venv/bin/python benchmarks/bench_regional.py [--canvas 1024] [--region 256]
 
 Counts (not times): the latent pixels x batch rows the model receives, summed over one run, from
 a unet wrapper placed under the tile engine. A regional prompt should cost model work only on the
 tiles its area touches, so the extra work is about (area + one tile's context) / canvas of the
-global prompt's, never a canvas-sized call.
+global prompt's, never a canvas-sized call. A plain mask prompt (``ConditioningSetMask`` without
+``mask bounds``) is a canvas-sized call for ComfyUI; tiled, it costs the windows its mask touches.
 """
 from __future__ import annotations
 
@@ -49,24 +51,29 @@ def main(argv=None):
     area = comfy_nodes.ConditioningSetArea().append(fx.tiny_conditioning("a red barn"), r, r, (c - r) // 2,
                                                     (c - r) // 2, 1.0)[0]
     regional = comfy_nodes.ConditioningCombine().combine(base, area)[0]
+    mask = torch.zeros(1, c, c)
+    mask[:, (c - r) // 2:(c + r) // 2, (c - r) // 2:(c + r) // 2] = 1.0
+    masked = comfy_nodes.ConditioningSetMask().append(fx.tiny_conditioning("a red barn"), mask, "default", 1.0)[0]
+    mask_regional = comfy_nodes.ConditioningCombine().combine(base, masked)[0]
     args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
     args.update(model=model, tile_width=a.tile, tile_height=a.tile, tile_overlap=64, tile_batch_size=4)
     tiled = fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
     lat = torch.randn(1, 4, c // 8, c // 8, generator=torch.Generator().manual_seed(0))
     rows = []
     for name, m in (("untiled", model), ("tiled", tiled)):
-        for label, pos in (("global prompt", base), ("+ one area prompt", regional)):
+        for label, pos in (("global prompt", base), ("+ one area prompt", regional),
+                           ("+ one mask prompt", mask_regional)):
             work.update(pixels=0, largest=0)
             fx.run_ksampler(m, pos, neg, lat, steps=a.steps, denoise=0.8)
             rows.append((name, label, work["pixels"] / a.steps, work["largest"]))
-    print(f"canvas {c}x{c}px, area prompt {r}x{r}px at the centre, grid tiles {a.tile}px, overlap 64px, "
+    print(f"canvas {c}x{c}px, area (or mask) prompt {r}x{r}px at the centre, grid tiles {a.tile}px, overlap 64px, "
           f"{a.steps} steps (latent px x rows per step; largest model input in latent px)")
     print(f"{'':10} {'prompts':20} {'model px/step':>14} {'largest input':>14}")
     for name, label, px, largest in rows:
         print(f"{name:10} {label:20} {px:14.0f} {largest:14d}")
     for name in ("untiled", "tiled"):
-        g, rg = [px for n, _, px, _ in rows if n == name]
-        print(f"{name}: the area prompt adds {rg / g - 1:.1%} model work "
+        g, ra, rm = [px for n, _, px, _ in rows if n == name]
+        print(f"{name}: the area prompt adds {ra / g - 1:.1%} model work, the mask prompt {rm / g - 1:.1%} "
               f"(its area is {(r * r) / (c * c):.1%} of the canvas)")
 
 

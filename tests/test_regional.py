@@ -125,3 +125,43 @@ def test_a_regional_prompt_costs_model_work_only_on_the_tiles_it_touches(pack, p
     assert with_region and all(shape == (48 // 8, 64 // 8) for shape, _ in with_region)
     assert sum(n for _, n in with_region) == 2        # one window touches it, 2 steps
     assert max(s[0] * s[1] for s, _, _ in calls) < (H_PX // 8) * (W_PX // 8)
+
+
+@pytest.mark.parametrize("method", ["Mixture of Diffusers", "SpotDiffusion"])
+def test_a_mask_prompt_costs_model_work_only_on_the_tiles_its_mask_touches(pack, prompts, source, monkeypatch,
+                                                                           method):
+    """A plain mask prompt (a canvas call weighted by the mask) is evaluated only on the windows
+    holding a pixel of its mask, and the result is the same as evaluating it on every window."""
+    base, region, neg = prompts
+    model = fx.local_model(0)
+    calls = []
+
+    def record(apply_model, args):
+        calls.append((tuple(args["input"].shape[-2:]), args["c"]["c_crossattn"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(record)
+    box = (16, 8, 64, 48)                                  # px: inside the top-left tile only
+    m = tiled(pack, model, tile_width=192, tile_height=128, tile_overlap=32, variable_denoise="off", method=method)
+    pos = regional("mask", base, region, box=box)
+    out = fx.run_ksampler(m, pos, neg, source, steps=2, denoise=0.8)
+    ctx = region[0][0][0]
+
+    def region_evaluations():
+        return sum(int(torch.equal(r[:77], ctx[:77])) for _, c in calls for r in c)
+
+    def all_evaluations():
+        return sum(c.shape[0] for _, c in calls)
+
+    touched, total = region_evaluations(), all_evaluations()
+    assert touched == 2                                    # one window holds the mask, 2 steps
+    calls.clear()
+    monkeypatch.setattr(pack.regional, "chunk_masks", lambda *a, **k: None)     # every window, as before
+    ref = fx.run_ksampler(m, pos, neg, source, steps=2, denoise=0.8)
+    assert region_evaluations() > 2 * touched and all_evaluations() > total
+    # the same up to float rounding: the mask prompt now shares model calls with fewer rows (the
+    # model's kernels round differently by batch size, ~1e-5 per call here)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=0)
+    assert float((out - ref).abs().mean() / ref.std()) < 1e-6
+    without = fx.run_ksampler(m, base, neg, source, steps=2, denoise=0.8)
+    assert float((ref - without).abs().amax()) > 1e-2      # the mask prompt matters
