@@ -695,10 +695,7 @@ class TiledDiffusion:
         if items == 1:
             return self._call_item(model, x, t, c, cou, n_chunks, run, base, src, 0)
         B = x.shape[0] // n_chunks
-        if B != items:
-            raise ValueError(f"quadtree: {items} layouts (one per image of the IMAGE batch) but the latent batch "
-                             f"is {B}; encode the same image batch you gave QuadtreeVisualizer, or give it one "
-                             f"image")
+        _check_items(B, items)
         out = torch.empty_like(x)
         for b in range(B):
             rows = slice(b, None, B)     # item b in every cond chunk (rows are chunk-major); no index tensor
@@ -918,29 +915,48 @@ class TiledDiffusion:
 
     def _area_call(self, model: ModelCall, x, t, c, cou, n_chunks, base, run):
         """A call on part of the canvas (a prompt with an area): each group of chunks with the same
-        box on the canvas is evaluated with the canvas plan restricted to that box (regional.py)."""
+        box on the canvas is evaluated with the canvas plan restricted to that box (regional.py);
+        with one layout per IMAGE-batch item, each item with its own plan."""
         h, w = int(x.shape[-2]), int(x.shape[-1])
         to = c.get("transformer_options", {})
         boxes = regional.chunk_boxes(run, to, n_chunks, h, w)
-        if boxes is None or len(self.cfg.layouts) > 1:
+        if boxes is None:
             return self._area_grid_call(model, x, t, c, cou, n_chunks, base, run)
+        items = len(self.cfg.layouts)
+        if items == 1:
+            return self._area_boxes(model, x, t, c, cou, n_chunks, run, base, boxes, 0)
+        N = x.shape[0]
+        B = N // n_chunks
+        _check_items(B, items)
+        out = torch.empty_like(x)
+        for b in range(B):
+            rows = slice(b, None, B)     # item b in every cond chunk (rows are chunk-major)
+            tb = t[rows] if t.ndim > 0 and t.shape[0] == N else t
+            out[rows] = self._area_boxes(model, x[rows], tb, select_rows(c, rows, N), cou, n_chunks, run, base,
+                                         boxes, b)
+        return out
+
+    def _area_boxes(self, model: ModelCall, x, t, c, cou, n_chunks, run, base, boxes, item):
+        """The chunks of an area call grouped by their box, each group evaluated on its box."""
         out = torch.empty_like(x)
         for box in dict.fromkeys(boxes):          # the distinct boxes, in call order
             chunks = [j for j, b in enumerate(boxes) if b == box]
             if len(chunks) == n_chunks:
-                return self._area_item(model, x, t, c, cou, n_chunks, run, base, box)
+                return self._area_item(model, x, t, c, cou, n_chunks, run, base, box, item)
             rows, tr, cr, coul = _chunk_subset(x, t, c, cou, n_chunks, chunks)
-            out[rows] = self._area_item(model, x[rows], tr, cr, coul, len(chunks), run, base, box)
+            out[rows] = self._area_item(model, x[rows], tr, cr, coul, len(chunks), run, base, box, item)
         return out
 
-    def _area_item(self, model: ModelCall, x, t, c, cou, n_chunks, run, base, box):
+    def _area_item(self, model: ModelCall, x, t, c, cou, n_chunks, run, base, box, item=0):
         """x0' = src + A (x - src) + beta (M - x) on the box, with the canvas plan's windows clipped to it."""
         y, x0, h, w = box
         Hc, Wc = run.canvas
-        plan = self._plan(run, Hc, Wc, base, x, 0)
+        plan = self._plan(run, Hc, Wc, base, x, item)
         step, n = self._step(run, t, c.get("transformer_options", {}))
         src = run.source
         B = x.shape[0] // n_chunks
+        if src is not None and len(self.cfg.layouts) > 1 and src.shape[0] == len(self.cfg.layouts):
+            src = src[item:item + 1]
         src = src[..., y:y + h, x0:x0 + w] if src is not None and src.shape[-2:] == (Hc, Wc) and \
             src.shape[0] in (1, B) and src.shape[1:-2] == x.shape[1:-2] else None
         coeffs = self._coefficients(plan, run, step, n, src, x)
@@ -964,8 +980,8 @@ class TiledDiffusion:
         return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
 
     def _area_grid_call(self, model: ModelCall, x, t, c, cou, n_chunks, base, run):
-        """A call on part of the canvas whose place is unknown (no run, or one layout per IMAGE batch
-        item): tiled on its own grid, at full strength."""
+        """A call on part of the canvas whose place is unknown (no run): tiled on its own grid, at
+        full strength."""
         H, W = int(x.shape[-2]), int(x.shape[-1])
         cfg = self.cfg
         grid_cfg = TileConfig(method="MultiDiffusion" if cfg.method == "SpotDiffusion" else cfg.method,
@@ -1060,6 +1076,14 @@ def select_rows(c: dict, rows: slice, N: int) -> dict:
             return v.select_rows(rows, N)
         return v[rows] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == N else v
     return {k: (v if k == "transformer_options" else map_tensors(v, one)) for k, v in c.items()}
+
+
+def _check_items(B: int, items: int) -> None:
+    """One layout per image of an IMAGE batch needs a latent batch of as many items."""
+    if B != items:
+        raise ValueError(f"quadtree: {items} layouts (one per image of the IMAGE batch) but the latent batch "
+                         f"is {B}; encode the same image batch you gave QuadtreeVisualizer, or give it one "
+                         f"image")
 
 
 def _chunk_subset(x, t, c, cou, n_chunks: int, chunks: list):

@@ -165,3 +165,26 @@ def test_a_mask_prompt_costs_model_work_only_on_the_tiles_its_mask_touches(pack,
     assert float((out - ref).abs().mean() / ref.std()) < 1e-6
     without = fx.run_ksampler(m, base, neg, source, steps=2, denoise=0.8)
     assert float((ref - without).abs().amax()) > 1e-2      # the mask prompt matters
+
+
+@pytest.mark.parametrize("kind", ["area", "mask"])
+def test_each_image_of_a_batch_keeps_its_zero_denoise_tiles_under_a_regional_prompt(pack, local, photo, prompts,
+                                                                                     kind):
+    """An IMAGE batch of two different images has a layout per image; under a regional prompt each
+    latent item is tiled with its own layout, and its d = 0 tiles keep its own source."""
+    base, region, neg = prompts
+    images = torch.cat([photo, photo.flip(2)])             # mirrored: another layout
+    _, layouts = fx.call_node(pack.nodes.QuadtreeVisualizer, image=images, content_threshold=25.0, min_tile_size=32,
+                              min_denoise=0.0, max_denoise=0.9, line_thickness=0, max_tile_size=128)
+    assert isinstance(layouts, tuple) and len(layouts) == 2
+    assert [(t.x, t.y, t.w) for t in layouts[0].tiles] != [(t.x, t.y, t.w) for t in layouts[1].tiles]
+    src = fx.FixtureVAE().encode(images)
+    pos = regional(kind, base, region, box=(0, 0, W_PX, H_PX // 2 + 64))
+    out = fx.run_ksampler(tiled(pack, local, quadtree=layouts, tile_overlap=0), pos, neg, src, steps=4, denoise=0.9)
+    for i, layout in enumerate(layouts):
+        zero = interiors(layout, lambda t: t.denoise == 0.0)
+        changed = interiors(layout, lambda t: t.denoise > 0.0)
+        assert zero and changed
+        for y0, y1, x0, x1 in zero:
+            torch.testing.assert_close(out[i:i + 1, :, y0:y1, x0:x1], src[i:i + 1, :, y0:y1, x0:x1], atol=1e-4, rtol=0)
+        assert all(float((out - src)[i, :, a:b, c:d].abs().mean()) > 1e-2 for a, b, c, d in changed)
