@@ -135,7 +135,8 @@ class Clipped:
 
 class AreaPlan:
     """A canvas plan restricted to the box (y, x, h, w): what ``TiledDiffusion._evaluate`` needs
-    (``windows``, ``H``, ``W``, ``groups``) plus each window's weights, in the box's coordinates.
+    (``windows``, ``H``, ``W``, ``groups``; ``frame`` places them on the canvas) plus each window's
+    weights, in the box's coordinates.
 
     Window w touching the box is evaluated on w slid inside the box (its size capped by the box's),
     so the part w ∩ box gets the context a canvas window has; its weight is the canvas's normalised
@@ -144,6 +145,7 @@ class AreaPlan:
     def __init__(self, plan, evaluated, weights: dict, box):
         y, x, h, w = box
         self.H, self.W = h, w
+        self.frame = (y, x, plan.H, plan.W)     # the box's origin on the canvas, and the canvas
         self.windows, self.weights = [], {}
         for i in evaluated:
             win = plan.windows[i]

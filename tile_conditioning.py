@@ -69,15 +69,16 @@ class PreparedPrompts:
     model_conds: list            # per tile: {name: COND object}
     _index: dict
 
-    def tile_of(self, win, H: int, W: int) -> int:
-        """Index of the layout tile (scaled to the H x W latent) under the centre of ``win``'s core."""
-        key = (H, W, win.core)
+    def tile_of(self, win, H: int, W: int, oy: int = 0, ox: int = 0) -> int:
+        """Index of the layout tile (scaled to the H x W latent) under the centre of ``win``'s core,
+        the core offset by (oy, ox) on the canvas (a window of an area call)."""
+        key = (H, W, oy, ox, win.core)
         hit = self._index.get(key)
         if hit is None:
             lay = self.prompts.layout
             sx, sy = lay.width / W, lay.height / H
             y0, y1, x0, x1 = win.core
-            cx, cy = (x0 + x1) / 2 * sx, (y0 + y1) / 2 * sy
+            cx, cy = (ox + (x0 + x1) / 2) * sx, (oy + (y0 + y1) / 2) * sy
             hit = next((i for i, t in enumerate(lay.tiles) if t.x <= cx < t.x + t.w and t.y <= cy < t.y + t.h),
                        min(range(len(lay.tiles)), key=lambda i: _distance(lay.tiles[i], cx, cy)))
             self._index[key] = hit
@@ -146,10 +147,12 @@ def pad_tokens(contexts: list) -> torch.Tensor:
     return first.concat(rest)
 
 
-def apply(ct: dict, wins, H: int, W: int, n_chunks: int, B: int, prompts: list) -> dict:
+def apply(ct: dict, wins, frame: tuple, n_chunks: int, B: int, prompts: list) -> dict:
     """The tile batch's model kwargs with each prompted chunk's rows [tile][item] taken from its tile's
     own model conds: ``c_crossattn`` (token counts padded across the call) and every other
-    non-spatial cond of the prompt whose per-row shape matches (pooled ``y``, guidance, ...)."""
+    non-spatial cond of the prompt whose per-row shape matches (pooled ``y``, guidance, ...).
+    ``frame`` (oy, ox, H, W): where the windows' coordinates start on the H x W canvas."""
+    oy, ox, H, W = frame
     k = len(wins)
     rows = k * B
     out = dict(ct)
@@ -162,7 +165,7 @@ def apply(ct: dict, wins, H: int, W: int, n_chunks: int, B: int, prompts: list) 
         for j, p in enumerate(prompts):
             own = base[j * rows:(j + 1) * rows]
             if p is not None:
-                tiles = [p.model_conds[p.tile_of(w, H, W)].get(name) for w in wins]
+                tiles = [p.model_conds[p.tile_of(w, H, W, oy, ox)].get(name) for w in wins]
                 if all(c is not None for c in tiles):
                     parts = [c.process_cond(batch_size=B, device=base.device, area=None).cond.to(base)
                              for c in tiles]

@@ -366,6 +366,11 @@ class Plan:
         return ids
 
     # ---- per step, cached
+    @property
+    def frame(self) -> tuple:
+        """(oy, ox, H, W): the windows' coordinates start at the canvas origin (an area plan's do not)."""
+        return (0, 0, self.H, self.W)
+
     def normalized(self, evaluated: tuple) -> dict:
         """{window index: w_t / sum_{s in E} w_s over its window} for the evaluated set E."""
         hit = self._norm_cache.get(evaluated)
@@ -869,7 +874,7 @@ class TiledDiffusion:
                 tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
                 ct = tile_cond(c, wins, n_chunks, N, H, W, rep, whole)
                 if prompts is not None:
-                    ct = tcond.apply(ct, wins, H, W, n_chunks, B, prompts)
+                    ct = tcond.apply(ct, wins, plan.frame, n_chunks, B, prompts)
                 tb = TileBatch(tuple(wins), H, W, n_chunks)
                 if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
                     ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],

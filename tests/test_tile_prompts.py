@@ -113,3 +113,33 @@ def test_wrong_number_of_tile_prompts_is_refused(pack, prompts):
     layout = grid(pack)
     with pytest.raises(ValueError, match=r"tile_conditioning: 3 prompts for the 4 tiles of the quadtree"):
         tile_conditioning(pack, fx.tiny_conditioning("base"), layout, prompts[:3])
+
+
+def test_tile_prompts_under_an_area_follow_the_canvas_tiles(pack, prompts):
+    """Tile prompts set to an area (Tile Conditioning -> ConditioningSetArea): the area's calls are
+    evaluated on the canvas windows that touch it, and each takes the prompt of the canvas tile
+    under its core, not of the tile at the same place within the area."""
+    import nodes as comfy_nodes
+    model = fx.local_model(0)
+    calls = []
+
+    def record(apply_model, args):
+        calls.append((list(args["cond_or_uncond"]), args["c"]["c_crossattn"].clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(record)
+    layout = grid(pack, (4, 1))                         # four 64-px columns
+    base = fx.tiny_conditioning("base")
+    right = comfy_nodes.ConditioningSetArea().append(tile_conditioning(pack, base, layout, prompts), W_PX // 2, H_PX,
+                                                     W_PX // 2, 0, 1.0)[0]
+    pos = comfy_nodes.ConditioningCombine().combine(base, right)[0]
+    steps = 2
+    run(tiled(pack, model, layout), pos, steps=steps)
+
+    seen = Counter()                                    # tile prompts only reach the area's evaluations
+    for cou, ctx in calls:
+        rows = ctx.shape[0] // len(cou)
+        for j, kind in enumerate(cou):
+            for r in ctx[j * rows:(j + 1) * rows]:
+                seen.update(i for i, p in enumerate(prompts) if torch.equal(r[:77], p[0][0][0][:77]) and kind == 0)
+    assert seen == Counter({2: steps, 3: steps}), seen  # the right half's tiles, each once per step
