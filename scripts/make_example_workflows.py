@@ -287,41 +287,56 @@ def _prompts(g: Graph, ckpt: int, x: int, y: int, positive: str = POSITIVE, nega
     return pos, neg
 
 
+def _upscale_start(g: Graph, ckpt_name: str, min_denoise: float, max_denoise: float, vis_prefix: str,
+                   min_tile_size: int = 128, draw_indices: bool = False, vis_title: str = "Save quadtree visualisation"):
+    """The start the quadtree upscale examples share: checkpoint, prompts, image ×2, its quadtree and
+    the quadtree's picture. Returns the nodes by role."""
+    n = {"ckpt": g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=ckpt_name)}
+    n["pos"], n["neg"] = _prompts(g, n["ckpt"], 420, 40)
+    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
+    n["up"] = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
+    n["vis"] = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0,
+                      min_tile_size=min_tile_size, min_denoise=min_denoise, max_denoise=max_denoise,
+                      line_thickness=2, max_tile_size=1024, draw_indices=draw_indices)
+    save_vis = g.node("SaveImage", (400, 920), (320, 300), title=vis_title, filename_prefix=vis_prefix)
+    g.link(img, "IMAGE", n["up"], "image")
+    g.link(n["up"], "IMAGE", n["vis"], "image")
+    g.link(n["vis"], "image", save_vis, "images")
+    g.group("Quadtree from the upscaled image", (380, 440, 360, 800), "#3f789e")
+    return n
+
+
+def _upscale_sampling(g: Graph, n: dict, positive: tuple, negative: tuple, prefix: str, enc_pos, cfg: float = 7.0):
+    """The end the quadtree upscale examples share: Quadtree VAE Encode of the upscaled image,
+    Quadtree Diffusion on its quadtree, KSampler with ``positive`` / ``negative`` ((node, output)),
+    Quadtree VAE Decode, Save Image."""
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", enc_pos, (300, 130), **VAE_ENCODE)
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
+                tile_width=1024, tile_height=1024)
+    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=cfg, sampler_name="euler",
+                scheduler="normal", denoise=1.0)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
+    save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image", filename_prefix=prefix)
+    g.link(n["up"], "IMAGE", enc, "pixels")
+    g.link(n["ckpt"], "VAE", enc, "vae")
+    g.link(n["ckpt"], "MODEL", qd, "model")
+    g.link(n["vis"], "quadtree", qd, "quadtree")
+    g.link(qd, "MODEL", ks, "model")
+    g.link(*positive, ks, "positive")
+    g.link(*negative, ks, "negative")
+    g.link(enc, "LATENT", ks, "latent_image")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(n["ckpt"], "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+
+
 def quadtree_img2img_upscale() -> Graph:
     g = Graph("quadtree_img2img_upscale", "Quadtree img2img upscale",
               "Upscale a photo and re-sample it in content-adaptive quadtree tiles: flat regions get large "
               "tiles and little denoise, detailed regions small tiles and more denoise.")
-    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SD15)
-    pos, neg = _prompts(g, ckpt, 420, 40)
-    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
-    up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
-    vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=128,
-                 min_denoise=0.2, max_denoise=0.6, line_thickness=2, max_tile_size=1024, draw_indices=False)
-    save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree visualisation",
-                      filename_prefix="quadtree/visualisation")
-    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (760, 520), (300, 130), **VAE_ENCODE)
-    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
-                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
-                tile_width=1024, tile_height=1024)
-    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=7.0, sampler_name="euler",
-                scheduler="normal", denoise=1.0)
-    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
-    save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image", filename_prefix="quadtree/upscale")
-    g.link(img, "IMAGE", up, "image")
-    g.link(up, "IMAGE", vis, "image")
-    g.link(vis, "image", save_vis, "images")
-    g.link(up, "IMAGE", enc, "pixels")
-    g.link(ckpt, "VAE", enc, "vae")
-    g.link(ckpt, "MODEL", qd, "model")
-    g.link(vis, "quadtree", qd, "quadtree")
-    g.link(qd, "MODEL", ks, "model")
-    g.link(pos, "CONDITIONING", ks, "positive")
-    g.link(neg, "CONDITIONING", ks, "negative")
-    g.link(enc, "LATENT", ks, "latent_image")
-    g.link(ks, "LATENT", dec, "samples")
-    g.link(ckpt, "VAE", dec, "vae")
-    g.link(dec, "IMAGE", save, "images")
-    g.group("Quadtree from the upscaled image", (380, 440, 360, 800), "#3f789e")
+    n = _upscale_start(g, SD15, 0.2, 0.6, "quadtree/visualisation")
+    _upscale_sampling(g, n, (n["pos"], "CONDITIONING"), (n["neg"], "CONDITIONING"), "quadtree/upscale", (760, 520))
     return g
 
 
@@ -384,45 +399,16 @@ def quadtree_upscale_tile_controlnet() -> Graph:
     g = Graph("quadtree_upscale_tile_controlnet", "Quadtree upscale with a Tile ControlNet",
               "Quadtree img2img upscale guided by a Tile ControlNet whose hint is the upscaled image itself: "
               "each tile is steered by its own crop of the hint, so higher denoise keeps the composition.")
-    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SD15)
-    pos, neg = _prompts(g, ckpt, 420, 40)
-    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
-    up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
-    vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=128,
-                 min_denoise=0.3, max_denoise=0.75, line_thickness=2, max_tile_size=1024, draw_indices=False)
-    save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree visualisation",
-                      filename_prefix="quadtree/tile_cn_visualisation")
+    n = _upscale_start(g, SD15, 0.3, 0.75, "quadtree/tile_cn_visualisation")
     cnl = g.node("ControlNetLoader", (40, 860), (320, 60), control_net_name=TILE_CN)
     cna = g.node("ControlNetApplyAdvanced", (880, 360), (340, 190), strength=0.6, start_percent=0.0,
                  end_percent=1.0)  # with variable_denoise=schedule low-denoise tiles are sampled only in
     # the last steps: an end_percent below 1 would leave them without control
-    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (760, 620), (300, 130), **VAE_ENCODE)
-    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
-                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
-                tile_width=1024, tile_height=1024)
-    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=7.0, sampler_name="euler",
-                scheduler="normal", denoise=1.0)
-    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
-    save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image",
-                  filename_prefix="quadtree/tile_cn_upscale")
-    g.link(img, "IMAGE", up, "image")
-    g.link(up, "IMAGE", vis, "image")
-    g.link(vis, "image", save_vis, "images")
-    g.link(up, "IMAGE", enc, "pixels")
-    g.link(ckpt, "VAE", enc, "vae")
-    g.link(pos, "CONDITIONING", cna, "positive")
-    g.link(neg, "CONDITIONING", cna, "negative")
+    g.link(n["pos"], "CONDITIONING", cna, "positive")
+    g.link(n["neg"], "CONDITIONING", cna, "negative")
     g.link(cnl, "CONTROL_NET", cna, "control_net")
-    g.link(up, "IMAGE", cna, "image")
-    g.link(ckpt, "MODEL", qd, "model")
-    g.link(vis, "quadtree", qd, "quadtree")
-    g.link(qd, "MODEL", ks, "model")
-    g.link(cna, "positive", ks, "positive")
-    g.link(cna, "negative", ks, "negative")
-    g.link(enc, "LATENT", ks, "latent_image")
-    g.link(ks, "LATENT", dec, "samples")
-    g.link(ckpt, "VAE", dec, "vae")
-    g.link(dec, "IMAGE", save, "images")
+    g.link(n["up"], "IMAGE", cna, "image")
+    _upscale_sampling(g, n, (cna, "positive"), (cna, "negative"), "quadtree/tile_cn_upscale", (760, 620))
     return g
 
 
@@ -431,14 +417,8 @@ def quadtree_upscale_tile_prompts() -> Graph:
               "Quadtree img2img upscale where every tile has its own prompt: each tile's crop is captioned "
               "by a vision-language model (Generate Text, ComfyUI 0.15+) and the captions become per-tile "
               "prompts, so no tile is pushed toward what the global prompt describes elsewhere.")
-    ckpt = g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=SDXL)
-    pos, neg = _prompts(g, ckpt, 420, 40)
-    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
-    up = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
-    vis = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0, min_tile_size=256,
-                 min_denoise=0.2, max_denoise=0.6, line_thickness=2, max_tile_size=1024, draw_indices=True)
-    save_vis = g.node("SaveImage", (400, 920), (320, 300), title="Save quadtree with tile indices",
-                      filename_prefix="quadtree/tile_prompts_visualisation")
+    n = _upscale_start(g, SDXL, 0.2, 0.6, "quadtree/tile_prompts_visualisation", min_tile_size=256,
+                       draw_indices=True, vis_title="Save quadtree with tile indices")
     crops = g.node("QuadtreeTileCrops", (780, 660), (260, 50))
     vlm = g.node("CLIPLoader", (780, 760), (320, 110), title="Load captioning model (vision-language)",
                  clip_name=CAPTION_VLM, type="stable_diffusion", device="default")
@@ -449,40 +429,18 @@ def quadtree_upscale_tile_prompts() -> Graph:
     tile_text = g.node("CLIPTextEncode", (1900, 660), (320, 120), title="Tile prompts (one per tile)",
                        color=("#232", "#353"), text="")
     tcond = g.node("QuadtreeTileConditioning", (1900, 840), (320, 90))
-    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (880, 380), (300, 130), **VAE_ENCODE)
-    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
-                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
-                tile_width=1024, tile_height=1024)
-    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=6.0, sampler_name="euler",
-                scheduler="normal", denoise=1.0)
-    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
-    save = g.node("SaveImage", (1600, 40), (420, 470), title="Save upscaled image",
-                  filename_prefix="quadtree/tile_prompts_upscale")
-    g.link(img, "IMAGE", up, "image")
-    g.link(up, "IMAGE", vis, "image")
-    g.link(vis, "image", save_vis, "images")
-    g.link(up, "IMAGE", crops, "image")
-    g.link(vis, "quadtree", crops, "quadtree")
+    g.link(n["up"], "IMAGE", crops, "image")
+    g.link(n["vis"], "quadtree", crops, "quadtree")
     g.link(vlm, "CLIP", cap, "clip")
     g.link(crops, "crops", cap, "image")
     g.link(cap, "generated_text", style, "string_a")
-    g.link(ckpt, "CLIP", tile_text, "clip")
+    g.link(n["ckpt"], "CLIP", tile_text, "clip")
     g.link(style, "STRING", tile_text, "text")
-    g.link(pos, "CONDITIONING", tcond, "conditioning")
-    g.link(vis, "quadtree", tcond, "quadtree")
+    g.link(n["pos"], "CONDITIONING", tcond, "conditioning")
+    g.link(n["vis"], "quadtree", tcond, "quadtree")
     g.link(tile_text, "CONDITIONING", tcond, "tile_conditioning")
-    g.link(up, "IMAGE", enc, "pixels")
-    g.link(ckpt, "VAE", enc, "vae")
-    g.link(ckpt, "MODEL", qd, "model")
-    g.link(vis, "quadtree", qd, "quadtree")
-    g.link(qd, "MODEL", ks, "model")
-    g.link(tcond, "CONDITIONING", ks, "positive")
-    g.link(neg, "CONDITIONING", ks, "negative")
-    g.link(enc, "LATENT", ks, "latent_image")
-    g.link(ks, "LATENT", dec, "samples")
-    g.link(ckpt, "VAE", dec, "vae")
-    g.link(dec, "IMAGE", save, "images")
-    g.group("Quadtree from the upscaled image", (380, 440, 360, 800), "#3f789e")
+    _upscale_sampling(g, n, (tcond, "CONDITIONING"), (n["neg"], "CONDITIONING"), "quadtree/tile_prompts_upscale",
+                      (880, 380), cfg=6.0)
     g.group("A prompt per tile: crop, caption, encode", (760, 580, 1500, 400), "#8a5a9e")
     return g
 
