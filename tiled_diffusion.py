@@ -540,7 +540,7 @@ class RunState:
     masks: dict = field(default_factory=dict)    # cond uuid -> summed-area table of its mask's support (regional.py)
     prompts: dict = field(default_factory=dict)  # cond uuid -> tile prompts encoded (tile_conditioning.py)
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
-                                                 "schedule_saved": 0, "mask_saved": 0})
+                                                 "schedule_saved": 0, "mask_saved": 0, "mask_apart": 0})
     logged: set = field(default_factory=set)
 
     @property
@@ -674,7 +674,8 @@ class TiledDiffusion:
         log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
                  "skip (of %d for all tiles at every call)%s", P, s["calls"], s["tiles"],
                  s["schedule_saved"], s["skip_saved"], s["full"],
-                 f"; {s['mask_saved']} mask-prompt evaluations saved where its mask is 0" if s["mask_saved"] else "")
+                 f"; mask prompts: {s['mask_apart']} window evaluations in calls of their own, {s['mask_saved']} "
+                 f"saved where their mask is 0" if s["mask_saved"] else "")
 
     # ---- the unet wrapper
     def __call__(self, apply_model, args, *extra, **kwargs):
@@ -906,7 +907,9 @@ class TiledDiffusion:
                          len(ev), len(evaluated))
             run.stats["mask_saved"] += len(evaluated) - len(ev)
             groups.setdefault(ev, []).append(j)
-        run.stats["tiles"] += sum(len(ev) for ev in groups) - len(evaluated)
+        apart = sum(len(ev) for ev in groups) - len(evaluated)    # windows evaluated again for other chunks
+        run.stats["tiles"] += apart
+        run.stats["mask_apart"] += apart
         out = torch.zeros_like(x)           # x0 of a mask prompt where its mask is 0: weighted 0 by ComfyUI
         for ev, chunks in groups.items():
             if not ev:

@@ -460,21 +460,37 @@ def test_memory_is_bounded_by_the_tile_batch(pack, fx, sd15, cnet):
           f"{largest(logs[2].shapes)} on {2 * W_PX}x{2 * H_PX}px; untiled {largest(plain.shapes)} on {W_PX}x{H_PX}px")
 
 
-def test_area_conditioned_prompt_with_control(pack, fx, sd15, cnet):
-    """A control on an area-conditioned prompt: ComfyUI fits the whole hint to the area; the area
-    call is tiled on its own grid and must match untiled when one tile covers it."""
+@pytest.mark.parametrize("kind", ["area", "mask"])
+def test_regional_prompt_with_control(pack, fx, sd15, cnet, monkeypatch, kind):
+    """A control on a regional prompt. Area: ComfyUI fits the whole hint to the area, and the area's
+    calls are evaluated on the canvas windows clipped to it. Plain mask: its prompt's rows are
+    evaluated apart from the others, on the windows its mask touches, with their control rows. Both
+    match untiled when one tile covers the canvas; with small tiles the mask prompt matches the
+    evaluation on every window."""
     import nodes as comfy_nodes
     control, _ = cnet
     pos, neg = conds(fx)
-    (area,) = comfy_nodes.ConditioningSetArea().append(fx.tiny_conditioning("a dog"), 64, 48, 16, 8, 1.0)
-    pos = comfy_nodes.ConditioningCombine().combine(pos, area)[0]
+    dog = fx.tiny_conditioning("a dog")
+    if kind == "area":
+        (region,) = comfy_nodes.ConditioningSetArea().append(dog, 64, 48, 16, 8, 1.0)
+    else:
+        mask = torch.zeros(1, H_PX, W_PX)
+        mask[:, 8:24, 8:24] = 1.0                          # inside the top-left tiles only
+        (region,) = comfy_nodes.ConditioningSetMask().append(dog, mask, "default", 1.0)
+    pos = comfy_nodes.ConditioningCombine().combine(pos, region)[0]
     pn = with_control((pos, neg), control, gradient(1))
     lat = latent()
     ref = fx.run_ksampler(sd15, *pn, lat, steps=2, cfg=5.0)
     out = fx.run_ksampler(tiled(pack, fx, sd15, tile_width=W_PX, tile_height=H_PX), *pn, lat, steps=2, cfg=5.0)
     assert torch.equal(out, ref)
-    out = fx.run_ksampler(tiled(pack, fx, sd15, tile_width=32, tile_height=32), *pn, lat, steps=2, cfg=5.0)
+    small = tiled(pack, fx, sd15, tile_width=32, tile_height=32)
+    out = fx.run_ksampler(small, *pn, lat, steps=2, cfg=5.0)
     assert torch.isfinite(out).all()
+    if kind == "mask":
+        monkeypatch.setattr(pack.regional, "chunk_masks", lambda *a, **k: None)     # every window
+        every = fx.run_ksampler(small, *pn, lat, steps=2, cfg=5.0)
+        torch.testing.assert_close(out, every, atol=1e-3, rtol=0)
+        assert float((out - every).abs().mean() / every.std()) < 1e-6
 
 
 def test_per_image_layouts_take_each_items_own_hint(pack, fx, sd15, cnet):
