@@ -14,7 +14,8 @@ from . import quadtree as qt
 from . import tile_conditioning as tcond
 from . import tile_preview as tp
 from . import tiled_vae
-from .tiled_diffusion import TileConfig, tiled_model
+from .tile_plan import TileConfig
+from .tiled_diffusion import tiled_model
 from .utils import METHODS, SHIFT_METHODS, SPOT_KEY
 from .variable_denoise import MODES
 

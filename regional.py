@@ -28,11 +28,19 @@ mask's support), and the engine looks the call's chunks up by ``transformer_opti
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from .utils import RUN_KEY, cond_dicts, counts_in, group_by_size, summed_area
+from . import model_families as mf
+from . import variable_denoise as vd
+from .tile_inputs import broadcast_source, check_items, chunk_subset, select_rows
+from .tile_plan import TileConfig, plan_for
+from .utils import (RUN_KEY, P, cond_dicts, counts_in, group_by_size, latent_compression, latent_patch_size,
+                    summed_area)
+
+log = logging.getLogger(__name__)
 
 KEY = "quadtree_diffusion_regions"      # key of the keyed CALC_COND_BATCH wrapper
 
@@ -164,3 +172,122 @@ class AreaPlan:
     def groups(self, evaluated, windows=None) -> list[list[int]]:
         """Evaluated window indices grouped by window size (batchable together)."""
         return group_by_size(evaluated, self.windows if windows is None else windows)
+
+
+# --------------------------------------------------------------------------- the engine's regional calls
+
+class RegionalCalls:
+    """The tile engine's handling of regional prompts (mixed into ``tiled_diffusion.TiledDiffusion``,
+    whose ``_plan``, ``_step``, ``_coefficients`` and ``_evaluate`` it uses): calls of a prompt with
+    an area, and the chunks of prompts with a plain mask in a canvas call."""
+
+    def _evaluate_masked(self, model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights,
+                         run, masks):
+        """``_evaluate`` with the chunks of each mask prompt evaluated only on the windows holding a
+        pixel of its mask's support (:func:`touching`); ComfyUI weights its x0 by 0 everywhere else.
+        Chunks that need the same windows share model calls."""
+        groups: dict = {}           # windows to evaluate -> the chunks that need them
+        for j, sat in enumerate(masks):
+            ev = evaluated if sat is None else touching(sat, windows, evaluated, cores=weights is None)
+            if sat is not None and run.once(f"mask{id(sat)}"):
+                log.info("%s prompt with a mask: evaluated on the %d of %d tile windows that hold its mask", P,
+                         len(ev), len(evaluated))
+            run.stats["mask_saved"] += len(evaluated) - len(ev)
+            groups.setdefault(ev, []).append(j)
+        apart = sum(len(ev) for ev in groups) - len(evaluated)    # windows evaluated again for other chunks
+        run.stats["tiles"] += apart
+        run.stats["mask_apart"] += apart
+        out = torch.zeros_like(x)           # x0 of a mask prompt where its mask is 0: weighted 0 by ComfyUI
+        for ev, chunks in groups.items():
+            if not ev:
+                continue
+            wts = plan.normalized(ev) if weights is not None and ev != evaluated else weights
+            if len(chunks) == n_chunks:
+                return self._evaluate(model, x, t, c, cou, n_chunks, plan, windows, ev, wts, run)
+            rows, tr, cr, coul = chunk_subset(x, t, c, cou, n_chunks, chunks)
+            out[rows] = self._evaluate(model, x[rows], tr, cr, coul, len(chunks), plan, windows, ev, wts, run)
+        return out
+
+    def _area_call(self, model, x, t, c, cou, n_chunks, base, run):
+        """A call on part of the canvas (a prompt with an area): each group of chunks with the same
+        box on the canvas is evaluated with the canvas plan restricted to that box (:func:`touching`);
+        with one layout per IMAGE-batch item, each item with its own plan."""
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        to = c.get("transformer_options", {})
+        boxes = chunk_boxes(run, to, n_chunks, h, w)
+        if boxes is None:
+            return self._area_grid_call(model, x, t, c, cou, n_chunks, base, run)
+        items = len(self.cfg.layouts)
+        if items == 1:
+            return self._area_boxes(model, x, t, c, cou, n_chunks, run, base, boxes, 0)
+        N = x.shape[0]
+        B = N // n_chunks
+        check_items(B, items)
+        out = torch.empty_like(x)
+        for b in range(B):
+            rows = slice(b, None, B)     # item b in every cond chunk (rows are chunk-major)
+            tb = t[rows] if t.ndim > 0 and t.shape[0] == N else t
+            out[rows] = self._area_boxes(model, x[rows], tb, select_rows(c, rows, N), cou, n_chunks, run, base,
+                                         boxes, b)
+        return out
+
+    def _area_boxes(self, model, x, t, c, cou, n_chunks, run, base, boxes, item):
+        """The chunks of an area call grouped by their box, each group evaluated on its box."""
+        out = torch.empty_like(x)
+        for box in dict.fromkeys(boxes):          # the distinct boxes, in call order
+            chunks = [j for j, b in enumerate(boxes) if b == box]
+            if len(chunks) == n_chunks:
+                return self._area_item(model, x, t, c, cou, n_chunks, run, base, box, item)
+            rows, tr, cr, coul = chunk_subset(x, t, c, cou, n_chunks, chunks)
+            out[rows] = self._area_item(model, x[rows], tr, cr, coul, len(chunks), run, base, box, item)
+        return out
+
+    def _area_item(self, model, x, t, c, cou, n_chunks, run, base, box, item=0):
+        """x0' = src + A (x - src) + beta (M - x) on the box, with the canvas plan's windows clipped to it."""
+        y, x0, h, w = box
+        Hc, Wc = run.canvas
+        plan = self._plan(run, Hc, Wc, base, x, item)
+        step, n = self._step(run, t, c.get("transformer_options", {}))
+        src = run.source
+        B = x.shape[0] // n_chunks
+        if src is not None and len(self.cfg.layouts) > 1 and src.shape[0] == len(self.cfg.layouts):
+            src = src[item:item + 1]
+        src = src[..., y:y + h, x0:x0 + w] if src is not None and src.shape[-2:] == (Hc, Wc) and \
+            src.shape[0] in (1, B) and src.shape[1:-2] == x.shape[1:-2] else None
+        coeffs = self._coefficients(plan, run, step, n, src, x)
+        evaluated = plan.windows_of({lvl for lvl, (a, _) in enumerate(coeffs) if a > 0})
+        # SpotDiffusion: the unshifted partition (normalised weights 1), whose tiles carry the levels
+        area = AreaPlan(plan, evaluated, plan.normalized(evaluated), box)
+        run.stats["tiles"] += len(area.windows)
+        if run.once(f"area{box}"):
+            log.info("%s prompt with an area (%d,%d %dx%d latent px): %d of the canvas's tile windows, clipped to it",
+                     P, x0, y, w, h, len(area.windows))
+        if not area.windows:
+            return broadcast_source(src, x, n_chunks)
+        blend = self._evaluate(model, x, t, c, cou, n_chunks, area, area.windows, area.evaluated, area.weights, run)
+        if all(a == 1.0 and b == 1.0 for a, b in coeffs):
+            return blend
+        A, beta = plan.activity_maps(coeffs)
+        A, beta = A[y:y + h, x0:x0 + w], beta[y:y + h, x0:x0 + w]
+        xv = x.reshape(n_chunks, B, *x.shape[1:])
+        mv = blend.reshape(n_chunks, B, *x.shape[1:])
+        sv = src.to(x).reshape(1, src.shape[0], *x.shape[1:])
+        return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
+
+    def _area_grid_call(self, model, x, t, c, cou, n_chunks, base, run):
+        """A call on part of the canvas whose place is unknown (no run): tiled on its own grid, at
+        full strength."""
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        cfg = self.cfg
+        grid_cfg = TileConfig(method="MultiDiffusion" if cfg.method == "SpotDiffusion" else cfg.method,
+                              enable_overlap=cfg.enable_overlap, tile_overlap=cfg.tile_overlap,
+                              tile_batch_size=cfg.tile_batch_size, skip_below=0, variable_denoise="off",
+                              tile_width=cfg.tile_width, tile_height=cfg.tile_height, layout=None)
+        plan = plan_for(grid_cfg, H, W, latent_compression(base), latent_patch_size(base), x.device, x.dtype,
+                        min_tile=mf.min_tile(base))
+        if run is not None and run.once(f"area{H}x{W}"):
+            log.info("%s area-conditioned call on %dx%d latent px: %s, at full strength", P, W, H,
+                     plan.describe())
+        evaluated = tuple(range(len(plan.windows)))
+        return self._evaluate(model, x, t, c, cou, n_chunks, plan, plan.windows, evaluated,
+                              plan.normalized(evaluated), run)

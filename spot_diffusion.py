@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .utils import SPOT_KEY
+
 SCHEDULES = ("both", "alternate", "alternate_hold")
 DEFAULT_SCHEDULE = "both"
 
@@ -193,3 +195,12 @@ class SpotPartition:
         wins = [w for oy in ext[0] for ox in ext[1] for w, _ in self.windows(oy, ox, margin)]
         return max(w[1] - w[0] for w in wins), max(w[3] - w[2] for w in wins)
 
+
+def spot_margin(to: dict, compression: int, align: int) -> int:
+    """SpotDiffusion's context margin in latent px: ceil(context_margin px / compression), rounded up
+    to the model's patch; 0 when the SpotDiffusion parameters set none."""
+    px = int(((to or {}).get(SPOT_KEY) or {}).get("context_margin", 0) or 0)
+    if px <= 0:
+        return 0
+    m = -(-px // compression)
+    return -(-m // align) * align

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from . import quadtree as qt
-from .utils import RUN_KEY, cond_dicts
+from .utils import RUN_KEY, P, cond_dicts
 
 log = logging.getLogger(__name__)
 
 KEY = "quadtree_tile_prompts"        # option key of the base prompt's cond dicts
-P = "[Quadtree Diffusion]"
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,7 +61,6 @@ from .utils import RUN_KEY
 
 log = logging.getLogger(__name__)
 
-P = "[Quadtree Diffusion]"
 
 
 # --------------------------------------------------------------------------- geometry

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+P = "[Quadtree Diffusion]"                    # log line prefixes (the predecessor pack's, kept for users' log filters)
+PV = "[Quadtree Variable Denoise]:"
+PS = "[Quadtree Skip]:"
+
 WRAPPER_KEY = "quadtree_diffusion"            # key of our keyed wrappers on the model clone
 RUN_KEY = "quadtree_diffusion_run"            # transformer_options entry holding the per-run state
 SPOT_KEY = "quadtree_diffusion_spot"          # transformer_options entry of SpotDiffusion parameters

@@ -121,7 +121,7 @@ class Bench:
             m = benchlib.tile_model(self.pack, m, **tiled)
         latent = latent or self.empty
         t0 = time.perf_counter()
-        with self.log.attached(self.pack.__name__ + ".tiled_diffusion"):
+        with self.log.attached(self.pack.__name__):      # the engine's modules log under the package
             n_before = len(self.log.summaries)
             self.fx.run_ksampler(m, self.pos, self.neg, latent, seed=1, steps=steps or self.steps, cfg=7.0,
                                  sampler_name="euler", scheduler="normal", denoise=denoise)

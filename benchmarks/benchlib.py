@@ -342,8 +342,9 @@ def tile_model(pack, model, **kw):
 
 def engine_config(pack, **kw):
     """The TileConfig the QuadtreeDiffusion node builds for the same settings."""
-    td = pack.tiled_diffusion
-    return td.TileConfig(method=kw.get("method", "Mixture of Diffusers"),
+    from importlib import import_module
+    tp = import_module(pack.__name__ + ".tile_plan")
+    return tp.TileConfig(method=kw.get("method", "Mixture of Diffusers"),
                          enable_overlap=kw.get("enable_overlap", True), tile_overlap=kw.get("tile_overlap", 64),
                          tile_batch_size=kw.get("tile_batch_size", 4), skip_below=kw.get("skip_diffusion_below", 0),
                          variable_denoise=kw.get("variable_denoise", "off"), tile_width=kw.get("tile_width", 1024),
@@ -356,8 +357,8 @@ def window_area_ratio(pack, base_model, H: int, W: int, **kw) -> tuple[float, ob
 
     import torch
     utils = import_module(pack.__name__ + ".utils")
-    td = pack.tiled_diffusion
-    plan = td.plan_for(engine_config(pack, **kw), H, W, utils.latent_compression(base_model),
+    tp = import_module(pack.__name__ + ".tile_plan")
+    plan = tp.plan_for(engine_config(pack, **kw), H, W, utils.latent_compression(base_model),
                        utils.latent_patch_size(base_model), "cpu", torch.float32)
     area = sum((w.y1 - w.y0) * (w.x1 - w.x0) for w in plan.windows if not w.skipped)
     return area / float(H * W), plan

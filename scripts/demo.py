@@ -574,14 +574,14 @@ def evaluated_area(layout, prompt: dict, steps: int, vd) -> dict:
     """Latent pixels the model evaluates over the run, from the engine's window plan for this layout:
     schedule = sum over windows of area * active steps; all = sum of window areas * steps."""
     try:
-        td = importlib.import_module("qtd_demo_pack.tiled_diffusion")
+        tp = importlib.import_module("qtd_demo_pack.tile_plan")
         import torch
         qi = prompt[one(prompt, "QuadtreeDiffusion")]["inputs"]
-        cfg = td.TileConfig(method=qi["method"], enable_overlap=bool(qi["enable_overlap"]),
+        cfg = tp.TileConfig(method=qi["method"], enable_overlap=bool(qi["enable_overlap"]),
                             tile_overlap=int(qi["tile_overlap"]), tile_batch_size=int(qi["tile_batch_size"]),
                             skip_below=int(qi["skip_diffusion_below"]), variable_denoise=qi["variable_denoise"],
                             tile_width=int(qi["tile_width"]), tile_height=int(qi["tile_height"]), layout=layout)
-        plan = td.plan_for(cfg, layout.height // 8, layout.width // 8, 8, 1, "cpu", torch.float32)
+        plan = tp.plan_for(cfg, layout.height // 8, layout.width // 8, 8, 1, "cpu", torch.float32)
         sched = sum((w.size[0] * w.size[1]) * (0 if w.skipped else vd.active_steps(w.denoise, steps))
                     for w in plan.windows)
         full = sum(w.size[0] * w.size[1] for w in plan.windows) * steps

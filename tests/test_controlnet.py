@@ -291,8 +291,8 @@ def test_tile_control_equals_get_control_on_each_crop(pack, fx, sd15, cnet, cnet
     ctl = chain(img, img2)
     to = {}
     marker = tc.ControlProxy(ctl).get_control(torch.zeros(n * B, 4, H, W), None, {}, n, to)
-    wins = [td.Window(0, 6, 0, 6, (0, 6, 0, 6)), td.Window(2, 8, 6, 12, (2, 8, 6, 12)),
-            td.Window(2, 8, 3, 9, (2, 8, 3, 9))]
+    wins = [pack.tile_plan.Window(0, 6, 0, 6, (0, 6, 0, 6)), pack.tile_plan.Window(2, 8, 6, 12, (2, 8, 6, 12)),
+            pack.tile_plan.Window(2, 8, 3, 9, (2, 8, 3, 9))]
     k = len(wins)
     g = torch.Generator().manual_seed(0)
     xt = torch.randn(n * k * B, 4, 6, 6, generator=g)

@@ -24,8 +24,8 @@ def qt(pack):
 
 
 @pytest.fixture(scope="module")
-def td(pack):
-    return importlib.import_module(pack.__name__ + ".tiled_diffusion")
+def tp(pack):
+    return importlib.import_module(pack.__name__ + ".tile_plan")
 
 
 def image(h, w, kind, seed):
@@ -51,7 +51,7 @@ def scatter(plan, values: dict):
     return out
 
 
-def check_plan(td, qt, plan, cfg, H, W, align, dtype):
+def check_plan(tp, qt, plan, cfg, H, W, align, dtype):
     """The invariants every plan must satisfy; returns the plan for further checks."""
     assert (plan.H, plan.W) == (H, W)
     assert len(plan.windows) >= 1
@@ -122,15 +122,15 @@ quadtrees = st.one_of(
        enable=st.booleans(), tw=st.integers(8, 400), th=st.integers(8, 400),
        skip=st.sampled_from([0, 0, 16, 64, 200]), align=st.sampled_from([1, 1, 2]),
        qtree=quadtrees, dtype=st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
-def test_plan_properties(td, qt, H, W, method, overlap, enable, tw, th, skip, align, qtree, dtype):
+def test_plan_properties(tp, qt, H, W, method, overlap, enable, tw, th, skip, align, qtree, dtype):
     layout = None
     if qtree is not None:
         kind, seed, thr, mn, mx, k = qtree
         layout = qt.build_quadtree(image(H * C * k, W * C * k, kind, seed), thr, mn, mx, 0.1, 0.9)
-    cfg = td.TileConfig(method=method, enable_overlap=enable, tile_overlap=overlap, tile_batch_size=4,
+    cfg = tp.TileConfig(method=method, enable_overlap=enable, tile_overlap=overlap, tile_batch_size=4,
                         skip_below=skip, variable_denoise="schedule", tile_width=tw, tile_height=th, layout=layout)
-    plan = td.plan_for(cfg, H, W, C, align, "cpu", dtype)
-    check_plan(td, qt, plan, cfg, H, W, align, dtype)
+    plan = tp.plan_for(cfg, H, W, C, align, "cpu", dtype)
+    check_plan(tp, qt, plan, cfg, H, W, align, dtype)
 
     if layout is not None:   # the windows are the layout scaled to the latent, in order, with its denoise
         scaled = qt.scale_layout(layout, W, H, align)
@@ -141,7 +141,7 @@ def test_plan_properties(td, qt, H, W, method, overlap, enable, tw, th, skip, al
         # the tile in latent px, clamped to the canvas, at least one patch (align) where the canvas allows
         eth = max(max(1, min(H, th // C)), min(H, align))
         etw = max(max(1, min(W, tw // C)), min(W, align))
-        eth, etw = td.snap_tile(eth, H, align), td.snap_tile(etw, W, align)   # on the model's patch grid
+        eth, etw = tp.snap_tile(eth, H, align), tp.snap_tile(etw, W, align)   # on the model's patch grid
         if method == "SpotDiffusion":          # the non-overlapping grid partition, the last cell >= half a tile
             assert {(w.core[1] - w.core[0]) for w in plan.windows if w.core[1] < H} <= {eth}
             assert {(w.core[3] - w.core[2]) for w in plan.windows if w.core[3] < W} <= {etw}
@@ -175,60 +175,60 @@ def test_plan_properties(td, qt, H, W, method, overlap, enable, tw, th, skip, al
     "SpotDiffusion",
     "Mixture of Diffusers",
 ])
-def test_half_precision_plan(td, qt, method):
-    cfg = td.TileConfig(method=method, tile_overlap=64, tile_width=256, tile_height=256)
-    plan = td.plan_for(cfg, 48, 40, C, 1, "cpu", torch.float16)
-    check_plan(td, qt, plan, cfg, 48, 40, 1, torch.float16)
+def test_half_precision_plan(tp, qt, method):
+    cfg = tp.TileConfig(method=method, tile_overlap=64, tile_width=256, tile_height=256)
+    plan = tp.plan_for(cfg, 48, 40, C, 1, "cpu", torch.float16)
+    check_plan(tp, qt, plan, cfg, 48, 40, 1, torch.float16)
 
 
 # --------------------------------------------------------------------------- grid examples
 
-def grid_plan(td, H, W, tile=1024, overlap=64, method="Mixture of Diffusers", tile_h=None, align=1, **kw):
-    cfg = td.TileConfig(method=method, tile_overlap=overlap, tile_width=tile, tile_height=tile_h or tile, **kw)
-    return cfg, td.plan_for(cfg, H, W, C, align, "cpu", torch.float32)
+def grid_plan(tp, H, W, tile=1024, overlap=64, method="Mixture of Diffusers", tile_h=None, align=1, **kw):
+    cfg = tp.TileConfig(method=method, tile_overlap=overlap, tile_width=tile, tile_height=tile_h or tile, **kw)
+    return cfg, tp.plan_for(cfg, H, W, C, align, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_tile_larger_than_canvas_is_clamped(td, qt, method):
-    cfg, plan = grid_plan(td, 20, 30, tile=1024, overlap=512, method=method)
-    check_plan(td, qt, plan, cfg, 20, 30, 1, torch.float32)
+def test_tile_larger_than_canvas_is_clamped(tp, qt, method):
+    cfg, plan = grid_plan(tp, 20, 30, tile=1024, overlap=512, method=method)
+    check_plan(tp, qt, plan, cfg, 20, 30, 1, torch.float32)
     assert [(w.y0, w.y1, w.x0, w.x1) for w in plan.windows] == [(0, 20, 0, 30)]
     norm = plan.normalized((0,))
     assert torch.allclose(norm[0], torch.ones(20, 30))
 
 
-def test_overlap_over_half_a_tile_is_clamped_and_noted(td, qt):
-    cfg, plan = grid_plan(td, 40, 40, tile=128, overlap=200)     # 16-px latent tiles, 25-px overlap
-    check_plan(td, qt, plan, cfg, 40, 40, 1, torch.float32)
+def test_overlap_over_half_a_tile_is_clamped_and_noted(tp, qt):
+    cfg, plan = grid_plan(tp, 40, 40, tile=128, overlap=200)     # 16-px latent tiles, 25-px overlap
+    check_plan(tp, qt, plan, cfg, 40, 40, 1, torch.float32)
     assert any("clamp" in n and "200" in n for n in plan.notes), plan.notes
     xs = sorted({w.x0 for w in plan.windows})
     assert xs[0] == 0 and xs[-1] == 40 - 16
     assert len(xs) == math.ceil((40 - 16) / 8) + 1                  # stride = half a tile
-    _, ok = grid_plan(td, 40, 40, tile=128, overlap=64)
+    _, ok = grid_plan(tp, 40, 40, tile=128, overlap=64)
     assert not ok.notes
 
 
-def test_overlap_clamped_in_quadtree_mode_is_noted(td, qt):
+def test_overlap_clamped_in_quadtree_mode_is_noted(tp, qt):
     img = torch.full((256, 256, 3), 0.5)
     img[:128, :128] = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(0))
     layout = qt.build_quadtree(img, 10.0, 32, 1024, 0.2, 0.8)      # smallest side 32 px = 4 latent
-    cfg = td.TileConfig(method="Mixture of Diffusers", tile_overlap=512, layout=layout)
-    plan = td.plan_for(cfg, 32, 32, C, 1, "cpu", torch.float32)
-    check_plan(td, qt, plan, cfg, 32, 32, 1, torch.float32)
+    cfg = tp.TileConfig(method="Mixture of Diffusers", tile_overlap=512, layout=layout)
+    plan = tp.plan_for(cfg, 32, 32, C, 1, "cpu", torch.float32)
+    check_plan(tp, qt, plan, cfg, 32, 32, 1, torch.float32)
     assert any("clamp" in n for n in plan.notes), plan.notes
 
 
-def test_non_multiple_canvas(td, qt):
-    cfg, plan = grid_plan(td, 37, 23, tile=64, overlap=16, method="MultiDiffusion")
-    check_plan(td, qt, plan, cfg, 37, 23, 1, torch.float32)
+def test_non_multiple_canvas(tp, qt):
+    cfg, plan = grid_plan(tp, 37, 23, tile=64, overlap=16, method="MultiDiffusion")
+    check_plan(tp, qt, plan, cfg, 37, 23, 1, torch.float32)
     assert {w.size for w in plan.windows} == {(8, 8)}
     assert max(w.y1 for w in plan.windows) == 37 and max(w.x1 for w in plan.windows) == 23
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_one_pixel_leftover_strip(td, qt, method):
-    cfg, plan = grid_plan(td, 9, 17, tile=64, overlap=0, method=method)   # 8-px tiles on 17 x 9
-    check_plan(td, qt, plan, cfg, 9, 17, 1, torch.float32)
+def test_one_pixel_leftover_strip(tp, qt, method):
+    cfg, plan = grid_plan(tp, 9, 17, tile=64, overlap=0, method=method)   # 8-px tiles on 17 x 9
+    check_plan(tp, qt, plan, cfg, 9, 17, 1, torch.float32)
     if method == "SpotDiffusion":     # the 1-px strips join their neighbours (no sliver below half a tile)
         assert sorted({w.core for w in plan.windows}) == [(0, 9, 0, 8), (0, 9, 8, 17)]
     else:
@@ -239,37 +239,37 @@ def test_one_pixel_leftover_strip(td, qt, method):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("quadtree", [False, True])
 @pytest.mark.parametrize("align", [1, 2])
-def test_one_latent_pixel_canvas(td, qt, method, quadtree, align):
+def test_one_latent_pixel_canvas(tp, qt, method, quadtree, align):
     layout = qt.build_quadtree(torch.rand(8, 8, 3), 0.0, 1, 1024, 0.2, 0.8) if quadtree else None
-    cfg = td.TileConfig(method=method, tile_overlap=64, tile_width=512, tile_height=512, layout=layout)
-    plan = td.plan_for(cfg, 1, 1, C, align, "cpu", torch.float32)
-    check_plan(td, qt, plan, cfg, 1, 1, align, torch.float32)
+    cfg = tp.TileConfig(method=method, tile_overlap=64, tile_width=512, tile_height=512, layout=layout)
+    plan = tp.plan_for(cfg, 1, 1, C, align, "cpu", torch.float32)
+    check_plan(tp, qt, plan, cfg, 1, 1, align, torch.float32)
     assert [(w.y0, w.y1, w.x0, w.x1) for w in plan.windows] == [(0, 1, 0, 1)]
 
 
-def test_aspect_mismatch_is_refused_naming_the_quadtree(td, qt):
+def test_aspect_mismatch_is_refused_naming_the_quadtree(tp, qt):
     layout = qt.build_quadtree(torch.full((256, 256, 3), 0.5), 25.0, 64, 1024, 0.2, 0.8)
-    cfg = td.TileConfig(layout=layout)
+    cfg = tp.TileConfig(layout=layout)
     with pytest.raises(ValueError, match="quadtree"):
-        td.plan_for(cfg, 32, 48, C, 1, "cpu", torch.float32)
+        tp.plan_for(cfg, 32, 48, C, 1, "cpu", torch.float32)
     # the same aspect at another size is scaled, not refused
-    plan = td.plan_for(cfg, 48, 48, C, 1, "cpu", torch.float32)
-    check_plan(td, qt, plan, cfg, 48, 48, 1, torch.float32)
+    plan = tp.plan_for(cfg, 48, 48, C, 1, "cpu", torch.float32)
+    check_plan(tp, qt, plan, cfg, 48, 48, 1, torch.float32)
 
 
 # --------------------------------------------------------------------------- more than 1,000 tiles
 
-def test_more_than_1000_grid_tiles(td, qt):
-    cfg, plan = grid_plan(td, 34, 33, tile=8, overlap=0, method="MultiDiffusion")
+def test_more_than_1000_grid_tiles(tp, qt):
+    cfg, plan = grid_plan(tp, 34, 33, tile=8, overlap=0, method="MultiDiffusion")
     assert len(plan.windows) == 34 * 33 > 1000
-    check_plan(td, qt, plan, cfg, 34, 33, 1, torch.float32)
+    check_plan(tp, qt, plan, cfg, 34, 33, 1, torch.float32)
 
 
-def test_more_than_1000_quadtree_tiles(td, qt):
+def test_more_than_1000_quadtree_tiles(tp, qt):
     img = torch.rand(256, 288, 3, generator=torch.Generator().manual_seed(0))
     layout = qt.build_quadtree(img, 0.0, 8, 1024, 0.2, 0.8)
     assert len(layout.tiles) > 1000
-    cfg = td.TileConfig(method="Mixture of Diffusers", tile_overlap=64, layout=layout)
-    plan = td.plan_for(cfg, 32, 36, C, 1, "cpu", torch.float32)       # 1-latent-px cores, clamped margin
+    cfg = tp.TileConfig(method="Mixture of Diffusers", tile_overlap=64, layout=layout)
+    plan = tp.plan_for(cfg, 32, 36, C, 1, "cpu", torch.float32)       # 1-latent-px cores, clamped margin
     assert len(plan.windows) == len(layout.tiles)
-    check_plan(td, qt, plan, cfg, 32, 36, 1, torch.float32)
+    check_plan(tp, qt, plan, cfg, 32, 36, 1, torch.float32)

@@ -1,0 +1,192 @@
+"""One sampling run of a tiled model: its state, how it starts and ends, and what it logs.
+
+* the keyed ``SAMPLER_SAMPLE`` wrapper starts a :class:`RunState` that lives in that run's
+  ``transformer_options`` only (sigmas, source latent, canvas, per-run caches) and counts the
+  sampler's steps through its callback (no host round trip per model call);
+* the keyed ``PREPARE_SAMPLING`` wrapper refuses latents and models that cannot be tiled, with the
+  fix, and lets ComfyUI's memory planning see one tile batch instead of the canvas;
+* the run's log lines, once per run, never per step.
+
+Mixed into ``tiled_diffusion.TiledDiffusion`` (its ``cfg`` and plan cache).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from . import model_families as mf
+from . import variable_denoise as vd
+from .spot_diffusion import spot_margin
+from .tile_plan import Plan, plan_for, plan_has_levels
+from .utils import PS, PV, RUN_KEY, P, latent_compression, latent_patch_size
+
+log = logging.getLogger(__name__)
+
+MANY_TILES = 1000
+
+
+@dataclass
+class RunState:
+    """What one sampling run knows: its sigmas, source latent and step counter."""
+    sigmas: list
+    source: torch.Tensor | None
+    canvas: tuple
+    step: int = 0
+    plans: dict = field(default_factory=dict)     # (batch item, device) -> Plan
+    spot: dict = field(default_factory=dict)     # batch item -> (y shifts, x shifts) per step
+    batch: dict = field(default_factory=dict)    # (device, window size) -> auto tile batch
+    hints: dict = field(default_factory=dict)    # prepared canvas-sized control hints (tile_control.py)
+    areas: dict = field(default_factory=dict)    # cond uuid -> its area's (y, x, h, w) box (regional.py)
+    masks: dict = field(default_factory=dict)    # cond uuid -> summed-area table of its mask's support (regional.py)
+    prompts: dict = field(default_factory=dict)  # cond uuid -> tile prompts encoded (tile_conditioning.py)
+    stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
+                                                 "schedule_saved": 0, "mask_saved": 0, "mask_apart": 0})
+    logged: set = field(default_factory=set)
+
+    @property
+    def n(self) -> int:
+        return vd.steps_of(self.sigmas)
+
+    def once(self, key: str) -> bool:
+        if key in self.logged:
+            return False
+        self.logged.add(key)
+        return True
+
+
+def check_latent(base, shape) -> None:
+    """Refuse latents the engine cannot tile, naming the input and the fix."""
+    shape = list(shape)
+    if len(shape) not in (4, 5):
+        raise ValueError(f"latent: Quadtree Diffusion tiles latents of shape [batch, channels, height, width] "
+                         f"(or [batch, channels, frames, height, width]); this latent has shape {shape}: "
+                         f"connect an image/video latent, or remove Quadtree Diffusion for this model")
+    fmt = getattr(base, "latent_format", None)
+    expected = getattr(fmt, "latent_channels", None)
+    if isinstance(expected, int) and len(shape) == 2 + getattr(fmt, "latent_dimensions", 2) and shape[1] != expected:
+        raise ValueError(f"latent: {shape[1]} channels but the model expects {expected}: encode the image with "
+                         f"this model's VAE (or use an Empty Latent Image made for this model)")
+
+
+class SamplingRun:
+    """The sampler-facing side of the tile engine: keyed wrappers and the run's log lines."""
+
+    def sampler_sample(self, executor, guider, sigmas, extra_args, callback, noise, latent_image=None,
+                       denoise_mask=None, disable_pbar=False, *args, **kwargs):
+        """SAMPLER_SAMPLE: start a RunState for this run and count its steps.
+
+        Arguments ComfyUI adds in later versions (``*args``, ``**kwargs``) are passed on unchanged.
+        """
+        run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=latent_image,
+                       canvas=tuple(noise.shape[-2:]))
+        mo = extra_args.setdefault("model_options", {})
+        to = dict(mo.get("transformer_options", {}))
+        to[RUN_KEY] = run
+        mo["transformer_options"] = to
+        self._log_run_start(run)
+
+        def counting_callback(i, denoised, x, total, *cb_args, **cb_kwargs):
+            run.step = i + 1
+            if callback is not None:
+                return callback(i, denoised, x, total, *cb_args, **cb_kwargs)
+
+        try:
+            return executor(guider, sigmas, extra_args, counting_callback, noise, latent_image,
+                            denoise_mask, disable_pbar, *args, **kwargs)
+        finally:
+            self._log_run_end(run)
+
+    def prepare_sampling(self, executor, model, noise_shape, conds, *args, **kwargs):
+        """PREPARE_SAMPLING: let ComfyUI plan memory for one tile batch, not the whole canvas.
+
+        Everything else ComfyUI passes (``model_options=``, and since 0.6 ``force_full_load=``,
+        ``force_offload=``, ...) is passed on unchanged.
+        """
+        check_latent(model.model, noise_shape)
+        mf.check_tileable(model.model)
+        try:
+            base = model.model
+            c, a = latent_compression(base), latent_patch_size(base)
+            H, W = int(noise_shape[-2]), int(noise_shape[-1])
+            mo = kwargs.get("model_options") or model.model_options
+            margin = spot_margin(mo.get("transformer_options", {}), c, a)
+            h, w, n = self._largest_tile(H, W, c, a, margin, mf.min_tile(base))
+            k = min(self.cfg.tile_batch_size or 1, n)
+            noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
+        except ValueError:
+            raise
+        except Exception as e:  # never block sampling on an estimate
+            log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
+        return executor(model, noise_shape, conds, *args, **kwargs)
+
+    def _largest_tile(self, H: int, W: int, compression: int, align: int, margin: int = 0,
+                      min_tile: int = 1) -> tuple[int, int, int]:
+        """(largest window height, width, most windows) over the layouts on an H x W latent; cached.
+        SpotDiffusion: over every shift of its partition, each core grown by ``margin``."""
+        key = (H, W, compression, align, margin, min_tile)
+        hit = self._largest.get(key)
+        if hit is None:
+            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i, min_tile=min_tile)
+                     for i in range(len(self.cfg.layouts))]
+            sizes = [plan.max_window(margin) for plan in plans]
+            hit = (max(h for h, _ in sizes), max(w for _, w in sizes),
+                   max(plan.partition.max_tiles() if plan.spot else len(plan.windows) for plan in plans))
+            if len(self._largest) >= 8:
+                self._largest.clear()
+            self._largest[key] = hit
+        return hit
+
+    def _log_run_start(self, run: RunState):
+        cfg = self.cfg
+        if cfg.layout is None and cfg.skip_below <= 0:
+            return
+        if cfg.variable_denoise != "off" and cfg.layout is not None:
+            log.info("%s Loaded sigmas from store, length=%d", PV, len(run.sigmas))
+            lo, hi = cfg.denoise_range
+            log.info("%s Denoise range: %.3f to %.3f", PV, lo, hi)
+            log.info("%s ENABLED - Tiles will be denoised adaptively (mode=%s)", PV, cfg.variable_denoise)
+        empty = run.source is not None and not bool(torch.count_nonzero(run.source))   # once per run
+        if empty and cfg.skip_below > 0:
+            log.warning("%s skip_diffusion_below=%dpx with an empty (all-zero) latent: skipped tiles "
+                        "stay at the empty latent and will come out flat; use skip for img2img only",
+                        PS, cfg.skip_below)
+        if empty and cfg.layout is not None and cfg.variable_denoise != "off" and cfg.denoise_range[0] < 1.0:
+            log.warning("%s WARNING - variable denoise with an empty (all-zero) latent: tiles with denoise < 1 "
+                        "start from a blank image and come out flat; for txt2img set variable_denoise to off "
+                        "(or min_denoise = max_denoise = 1)", PV)
+
+    def _log_run_end(self, run: RunState):
+        s = run.stats
+        if s["calls"] == 0:
+            return
+        stepwise = (self.cfg.variable_denoise != "off" and plan_has_levels(self.cfg)) or \
+            self.cfg.method == "SpotDiffusion"
+        if stepwise and run.step == 0 and run.n > 1:
+            log.warning("%s WARNING - the sampler never reported a finished step (it called no callback): "
+                        "per-step settings (variable denoise, SpotDiffusion shifts) stayed at the first step; "
+                        "use a KSampler / SamplerCustom sampler", PV)
+        log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
+                 "skip (of %d for all tiles at every call)%s", P, s["calls"], s["tiles"],
+                 s["schedule_saved"], s["skip_saved"], s["full"],
+                 f"; mask prompts: {s['mask_apart']} window evaluations in calls of their own, {s['mask_saved']} "
+                 f"saved where their mask is 0" if s["mask_saved"] else "")
+
+    def _log_plan(self, plan: Plan, run: RunState, item: int = 0):
+        cfg = self.cfg
+        k = cfg.tile_batch_size or "auto"
+        mode = "quadtree" if cfg.layout is not None else "grid"
+        if len(cfg.layouts) > 1:
+            mode += f" (batch item {item})"
+        log.info("%s %s %s on a %dx%d latent: %s, tile batch %s, overlap %s", P, cfg.method, mode,
+                 plan.W, plan.H, plan.describe(), k,
+                 f"{cfg.tile_overlap}px" if cfg.enable_overlap and not plan.spot else "off")
+        for note in plan.notes:
+            log.info("%s %s", P, note)
+        if len(plan.windows) > MANY_TILES:
+            log.warning("%s %d tiles: sampling will be slow; raise min_tile_size / tile size", P,
+                        len(plan.windows))
+        if cfg.skip_below > 0:
+            ns = sum(1 for w in plan.windows if w.skipped)
+            log.info("%s Will skip %d/%d tiles (min dimension < %dpx)", PS, ns, len(plan.windows), cfg.skip_below)
