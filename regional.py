@@ -194,9 +194,8 @@ class RegionalCalls:
                          len(ev), len(evaluated))
             run.stats["mask_saved"] += len(evaluated) - len(ev)
             groups.setdefault(ev, []).append(j)
-        apart = sum(len(ev) for ev in groups) - len(evaluated)    # windows evaluated again for other chunks
-        run.stats["tiles"] += apart
-        run.stats["mask_apart"] += apart
+        run.stats["tiles"] += sum(len(ev) for ev in groups) - len(evaluated)
+        run.stats["mask_apart"] += sum(len(ev) for ev in groups if ev != evaluated)
         out = torch.zeros_like(x)           # x0 of a mask prompt where its mask is 0: weighted 0 by ComfyUI
         for ev, chunks in groups.items():
             if not ev:
