@@ -143,3 +143,37 @@ def test_tile_prompts_under_an_area_follow_the_canvas_tiles(pack, prompts):
             for r in ctx[j * rows:(j + 1) * rows]:
                 seen.update(i for i, p in enumerate(prompts) if torch.equal(r[:77], p[0][0][0][:77]) and kind == 0)
     assert seen == Counter({2: steps, 3: steps}), seen  # the right half's tiles, each once per step
+
+
+def test_each_tile_prompt_is_evaluated_exactly_in_its_tiles_active_steps(pack):
+    """A quadtree with per-tile denoise (schedule): tile i's prompt reaches the model exactly
+    round(d_i * n) times, once per step in which tile i is active, and never otherwise."""
+    vd = pack.variable_denoise
+    model = fx.local_model(0)
+    calls = []
+
+    def record(apply_model, args):
+        calls.append((list(args["cond_or_uncond"]), args["c"]["c_crossattn"].clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(record)
+    _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=fx.synthetic_photo(W_PX, H_PX, seed=1),
+                             content_threshold=25.0, min_tile_size=32, min_denoise=0.25, max_denoise=1.0,
+                             line_thickness=0, max_tile_size=128)
+    denoise = [t.denoise for t in layout.tiles]
+    assert len({vd.active_steps(d, 4) for d in denoise}) >= 2, denoise     # tiles active in different steps
+    prompts = [fx.tiny_conditioning(f"tile prompt {i}") for i in range(len(layout.tiles))]
+    steps = 4
+    run(tiled(pack, model, layout, variable_denoise="schedule"),
+        tile_conditioning(pack, fx.tiny_conditioning("base"), layout, prompts), steps=steps)
+
+    contexts = [p[0][0][0] for p in prompts]
+    seen = Counter()
+    for cou, ctx in calls:
+        rows = ctx.shape[0] // len(cou)
+        for j, kind in enumerate(cou):
+            for r in ctx[j * rows:(j + 1) * rows]:
+                hits = [i for i, c in enumerate(contexts) if torch.equal(r, c)]
+                assert kind == 0 or not hits, "a tile prompt in the negative's rows"
+                seen.update(hits)
+    assert seen == Counter({i: vd.active_steps(d, steps) for i, d in enumerate(denoise) if vd.active_steps(d, steps)})
