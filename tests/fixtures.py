@@ -663,10 +663,18 @@ def run_ksampler(model, positive, negative, latent, seed: int = 0, steps: int = 
 class ModelInput(NamedTuple):
     """What the model was given in one call: ``x`` (a detached copy of the input), ``c`` (the
     conditioning keyword arguments as given: c_crossattn, y, c_concat, ``transformer_options``,
-    ``control``, ...) and ``t`` (the timestep)."""
+    ``control``, ...), ``t`` (the timestep) and ``cou`` (``cond_or_uncond``: the kind of each
+    equal-sized chunk of rows, 0 positive, 1 negative)."""
     x: torch.Tensor
     c: dict
     t: torch.Tensor
+    cou: tuple = ()
+
+    def chunks(self, key: str = "c_crossattn"):
+        """(kind, rows of ``c[key]``) per cond chunk of the call."""
+        v = self.c[key]
+        rows = v.shape[0] // len(self.cou)
+        return [(kind, v[j * rows:(j + 1) * rows]) for j, kind in enumerate(self.cou)]
 
 
 class CallLog:
@@ -683,7 +691,8 @@ class CallLog:
         return self
 
     def __call__(self, apply_model, args, *extra, **kwargs):
-        self.calls.append(ModelInput(args["input"].detach().clone(), args["c"], args["timestep"]))
+        self.calls.append(ModelInput(args["input"].detach().clone(), args["c"], args["timestep"],
+                                     tuple(args.get("cond_or_uncond") or ())))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     @property

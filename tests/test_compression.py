@@ -39,16 +39,8 @@ def tile_calls(pack, fx, name, **node):
     """(ratio, [(h, w) in pixels of every tile row the model saw], output) of one tiled KSampler run
     (rows, not calls: ComfyUI may batch cond and uncond or not, depending on the canvas size)."""
     fmt = latent_format(name)
-    model = fx.local_model_for_format(fmt, seed=0)
+    model, log = fx.logged(fx.local_model_for_format(fmt, seed=0))
     ratio = pack.utils.latent_compression(model.model)
-    seen = []
-
-    def record(apply_model, args):
-        x = args["input"]
-        seen.extend([(x.shape[-2] * ratio, x.shape[-1] * ratio)] * x.shape[0])
-        return apply_model(x, args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(record)
     args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
     args.update(model=model, tile_width=256, tile_height=256, tile_overlap=64, tile_batch_size=1,
                 method="MultiDiffusion")
@@ -58,6 +50,7 @@ def tile_calls(pack, fx, name, **node):
     lat = torch.randn(1, fmt.latent_channels, H_PX // ratio, W_PX // ratio, generator=g)
     out = fx.run_ksampler(tiled, fx.tiny_conditioning("a photo"), fx.tiny_conditioning("blurry"), lat, steps=2,
                           cfg=3.0, denoise=0.5)
+    seen = [(s[-2] * ratio, s[-1] * ratio) for s in log.shapes for _ in range(s[0])]
     return ratio, seen, out
 
 

@@ -90,7 +90,8 @@ def test_cascade_b_effnet_cropped_after_canvas_resample(pack, fx):
     prior = t.positive[0][1]["stable_cascade_prior"]
     canvas = torch.nn.functional.interpolate(prior, size=(16, 16), mode="bilinear", align_corners=True)
     seen = set()
-    for x, c, _ in log.calls:
+    for call in log.calls:
+        x, c = call.x, call.c
         eff = c["effnet"]
         h, w = x.shape[-2:]
         assert tuple(eff.shape[-2:]) == (h // 4, w // 4) and eff.shape[0] == x.shape[0]

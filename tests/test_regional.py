@@ -108,23 +108,16 @@ def test_a_regional_prompt_costs_model_work_only_on_the_tiles_it_touches(pack, p
     """The area prompt's context is evaluated on exactly the windows that intersect its area (clipped to
     it), never on the others, and no model call is canvas-sized."""
     base, region, neg = prompts
-    model = fx.local_model(0)
-    calls = []
-
-    def record(apply_model, args):
-        calls.append((tuple(args["input"].shape[-2:]), list(args["cond_or_uncond"]), args["c"]["c_crossattn"]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(record)
+    model, log = fx.logged(fx.local_model(0))
     box = (16, 8, 64, 48)                                  # px: inside the top-left tile's window only
     m = tiled(pack, model, tile_width=192, tile_height=128, tile_overlap=32, variable_denoise="off")
     fx.run_ksampler(m, regional("area", base, region, box=box), neg, source, steps=2, denoise=0.8)
     ctx = region[0][0][0]
-    with_region = [(shape, n) for shape, cou, c in calls
-                   for n in [sum(torch.equal(r[:77], ctx[:77]) for r in c)] if n]
+    with_region = [(tuple(call.x.shape[-2:]), n) for call in log.calls
+                   for n in [sum(torch.equal(r[:77], ctx[:77]) for r in call.c["c_crossattn"])] if n]
     assert with_region and all(shape == (48 // 8, 64 // 8) for shape, _ in with_region)
     assert sum(n for _, n in with_region) == 2        # one window touches it, 2 steps
-    assert max(s[0] * s[1] for s, _, _ in calls) < (H_PX // 8) * (W_PX // 8)
+    assert max(s[-2] * s[-1] for s in log.shapes) < (H_PX // 8) * (W_PX // 8)
 
 
 @pytest.mark.parametrize("method", ["Mixture of Diffusers", "SpotDiffusion"])
@@ -133,14 +126,7 @@ def test_a_mask_prompt_costs_model_work_only_on_the_tiles_its_mask_touches(pack,
     """A plain mask prompt (a canvas call weighted by the mask) is evaluated only on the windows
     holding a pixel of its mask, and the result is the same as evaluating it on every window."""
     base, region, neg = prompts
-    model = fx.local_model(0)
-    calls = []
-
-    def record(apply_model, args):
-        calls.append((tuple(args["input"].shape[-2:]), args["c"]["c_crossattn"]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(record)
+    model, log = fx.logged(fx.local_model(0))
     box = (16, 8, 64, 48)                                  # px: inside the top-left tile only
     m = tiled(pack, model, tile_width=192, tile_height=128, tile_overlap=32, variable_denoise="off", method=method)
     pos = regional("mask", base, region, box=box)
@@ -148,14 +134,14 @@ def test_a_mask_prompt_costs_model_work_only_on_the_tiles_its_mask_touches(pack,
     ctx = region[0][0][0]
 
     def region_evaluations():
-        return sum(int(torch.equal(r[:77], ctx[:77])) for _, c in calls for r in c)
+        return sum(int(torch.equal(r[:77], ctx[:77])) for call in log.calls for r in call.c["c_crossattn"])
 
     def all_evaluations():
-        return sum(c.shape[0] for _, c in calls)
+        return sum(call.c["c_crossattn"].shape[0] for call in log.calls)
 
     touched, total = region_evaluations(), all_evaluations()
     assert touched == 2                                    # one window holds the mask, 2 steps
-    calls.clear()
+    log.calls.clear()
     monkeypatch.setattr(pack.regional, "chunk_masks", lambda *a, **k: None)     # every window, as before
     ref = fx.run_ksampler(m, pos, neg, source, steps=2, denoise=0.8)
     assert region_evaluations() > 2 * touched and all_evaluations() > total

@@ -93,14 +93,7 @@ def test_grid_layout_is_a_row_major_partition(pack):
 def test_grid_layout_samples_as_a_quadtree(pack):
     """A grid layout drives Quadtree Diffusion like a quadtree: every cell (with its overlap margin)
     is evaluated, in batches of same-size windows."""
-    model = fx.local_model(0)
-    seen = []
-
-    def record(apply_model, args):
-        seen.append(tuple(args["input"].shape[-2:]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(record)
+    model, log = fx.logged(fx.local_model(0))
     (layout,) = fx.call_node(pack.nodes.QuadtreeGridLayout, width=256, height=192, tile_width=128,
                              tile_height=96, denoise=1.0)
     args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
@@ -110,4 +103,5 @@ def test_grid_layout_samples_as_a_quadtree(pack):
     out = fx.run_ksampler(m, fx.tiny_conditioning("a"), fx.tiny_conditioning("b"),
                           torch.randn(1, 4, 24, 32, generator=g), steps=2, denoise=0.5)
     assert torch.isfinite(out).all()
+    seen = [s[-2:] for s in log.shapes]
     assert len(seen) == 4 * 2 and set(seen) == {(14, 18)}       # 12x16 cells + 1 latent px margin a side

@@ -75,15 +75,8 @@ def test_each_tile_samples_as_if_the_whole_canvas_had_its_prompt(pack, local, pr
 def test_each_prompt_reaches_exactly_its_tiles_evaluations(pack, prompts):
     """Recorded at the model: per call, the cond rows carry the tiles' own contexts (4 different ones
     in one call at tile batch 4), each tile prompt once per step, the negative rows the negative."""
-    model = fx.local_model(0)
+    model, log = fx.logged(fx.local_model(0))
     neg = fx.tiny_conditioning("blurry")
-    calls = []
-
-    def record(apply_model, args):
-        calls.append((list(args["cond_or_uncond"]), args["c"]["c_crossattn"].clone()))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(record)
     layout = grid(pack)
     steps = 3
     run(tiled(pack, model, layout), tile_conditioning(pack, fx.tiny_conditioning("base"), layout, prompts),
@@ -97,14 +90,13 @@ def test_each_prompt_reaches_exactly_its_tiles_evaluations(pack, prompts):
         return None
 
     seen = Counter()
-    for cou, ctx in calls:
-        rows = ctx.shape[0] // len(cou)
-        for j, kind in enumerate(cou):
-            names = [which(r) for r in ctx[j * rows:(j + 1) * rows]]
+    for call in log.calls:
+        for kind, ctx in call.chunks():
+            names = [which(r) for r in ctx]
             if kind == 1:
-                assert names == ["neg"] * rows
+                assert names == ["neg"] * len(ctx)
             else:
-                assert len(set(names)) == rows == 4, names      # four different tile prompts in one call
+                assert len(set(names)) == len(ctx) == 4, names  # four different tile prompts in one call
                 seen.update(names)
     assert seen == Counter({f"tile {i}": steps for i in range(4)})
 
@@ -120,14 +112,7 @@ def test_tile_prompts_under_an_area_follow_the_canvas_tiles(pack, prompts):
     evaluated on the canvas windows that touch it, and each takes the prompt of the canvas tile
     under its core, not of the tile at the same place within the area."""
     import nodes as comfy_nodes
-    model = fx.local_model(0)
-    calls = []
-
-    def record(apply_model, args):
-        calls.append((list(args["cond_or_uncond"]), args["c"]["c_crossattn"].clone()))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(record)
+    model, log = fx.logged(fx.local_model(0))
     layout = grid(pack, (4, 1))                         # four 64-px columns
     base = fx.tiny_conditioning("base")
     right = comfy_nodes.ConditioningSetArea().append(tile_conditioning(pack, base, layout, prompts), W_PX // 2, H_PX,
@@ -137,10 +122,9 @@ def test_tile_prompts_under_an_area_follow_the_canvas_tiles(pack, prompts):
     run(tiled(pack, model, layout), pos, steps=steps)
 
     seen = Counter()                                    # tile prompts only reach the area's evaluations
-    for cou, ctx in calls:
-        rows = ctx.shape[0] // len(cou)
-        for j, kind in enumerate(cou):
-            for r in ctx[j * rows:(j + 1) * rows]:
+    for call in log.calls:
+        for kind, ctx in call.chunks():
+            for r in ctx:
                 seen.update(i for i, p in enumerate(prompts) if torch.equal(r[:77], p[0][0][0][:77]) and kind == 0)
     assert seen == Counter({2: steps, 3: steps}), seen  # the right half's tiles, each once per step
 
@@ -149,14 +133,7 @@ def test_each_tile_prompt_is_evaluated_exactly_in_its_tiles_active_steps(pack):
     """A quadtree with per-tile denoise (schedule): tile i's prompt reaches the model exactly
     round(d_i * n) times, once per step in which tile i is active, and never otherwise."""
     vd = pack.variable_denoise
-    model = fx.local_model(0)
-    calls = []
-
-    def record(apply_model, args):
-        calls.append((list(args["cond_or_uncond"]), args["c"]["c_crossattn"].clone()))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(record)
+    model, log = fx.logged(fx.local_model(0))
     _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=fx.synthetic_photo(W_PX, H_PX, seed=1),
                              content_threshold=25.0, min_tile_size=32, min_denoise=0.25, max_denoise=1.0,
                              line_thickness=0, max_tile_size=128)
@@ -169,10 +146,9 @@ def test_each_tile_prompt_is_evaluated_exactly_in_its_tiles_active_steps(pack):
 
     contexts = [p[0][0][0] for p in prompts]
     seen = Counter()
-    for cou, ctx in calls:
-        rows = ctx.shape[0] // len(cou)
-        for j, kind in enumerate(cou):
-            for r in ctx[j * rows:(j + 1) * rows]:
+    for call in log.calls:
+        for kind, ctx in call.chunks():
+            for r in ctx:
                 hits = [i for i, c in enumerate(contexts) if torch.equal(r, c)]
                 assert kind == 0 or not hits, "a tile prompt in the negative's rows"
                 seen.update(hits)

@@ -94,14 +94,7 @@ def test_skip_preserves_source_exactly_and_saves_calls(pack, fx, local, photo, s
     assert len(sizes) > 1
     skip_below = sizes[-1]        # every tile but the largest is skipped
     pos, neg = conds(fx)
-    calls = []
-
-    def counting(apply_model, args):
-        calls.append(args["input"].shape[0])
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    base = local.clone()
-    base.set_model_unet_function_wrapper(counting)
+    base, log = fx.logged(local)
     with caplog.at_level(logging.INFO):
         out = fx.run_ksampler(tiled(pack, fx, base, quadtree=layout, variable_denoise="off",
                                     skip_diffusion_below=skip_below, tile_overlap=0), pos, neg, source, steps=4,
@@ -110,7 +103,7 @@ def test_skip_preserves_source_exactly_and_saves_calls(pack, fx, local, photo, s
     for y0, y1, x0, x1 in small:
         assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
     n_large = sum(1 for t in layout.tiles if t.min_side >= skip_below)
-    assert sum(calls) == 4 * n_large * 2      # 4 steps x large tiles x (cond, uncond)
+    assert sum(x[0] for x in log.shapes) == 4 * n_large * 2      # 4 steps x large tiles x (cond, uncond)
     text = caplog.text
     n_small = len(layout.tiles) - n_large
     assert f"[Quadtree Skip]: Will skip {n_small}/{len(layout.tiles)} tiles (min dimension < {skip_below}px)" in text
@@ -121,18 +114,11 @@ def test_schedule_saves_model_calls(pack, fx, local, photo, source, caplog):
     pos, neg = conds(fx)
     counts = {}
     for mode in ("off", "schedule"):
-        calls = []
-
-        def counting(apply_model, args, calls=calls):
-            calls.append(args["input"].shape[0] // 2)
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
-        base = local.clone()
-        base.set_model_unet_function_wrapper(counting)
+        base, log = fx.logged(local)
         with caplog.at_level(logging.INFO):
             fx.run_ksampler(tiled(pack, fx, base, quadtree=layout, variable_denoise=mode), pos, neg, source,
                             steps=10, denoise=0.8)
-        counts[mode] = sum(calls)
+        counts[mode] = sum(x[0] // 2 for x in log.shapes)
     expected = pack.variable_denoise.schedule_model_calls([t.denoise for t in layout.tiles], 10)
     assert counts["off"] == 10 * len(layout.tiles)
     assert counts["schedule"] == expected < counts["off"]
@@ -287,19 +273,12 @@ def test_spotdiffusion_schedule_keeps_zero_tiles_and_skips_inactive_ones(pack, f
     and d = 0 tiles still come out as the source."""
     layout = layout_for(pack, fx, photo, 0.0, 1.0)
     pos, neg = conds(fx)
-    calls = []
-
-    def counting(apply_model, args):
-        calls.append(args["input"].shape[0] // len(args["cond_or_uncond"]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    base = local.clone()
-    base.set_model_unet_function_wrapper(counting)
+    base, log = fx.logged(local)
     out = fx.run_ksampler(tiled(pack, fx, base, quadtree=layout, method="SpotDiffusion"), pos, neg, source,
                           steps=8, denoise=0.9)
     zero = core_interiors(layout, lambda t: t.denoise == 0.0, 0)
     assert zero
     for y0, y1, x0, x1 in zero:
         assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
-    assert sum(calls) < 8 * len(layout.tiles)
+    assert sum(call.x.shape[0] // len(call.cou) for call in log.calls) < 8 * len(layout.tiles)
     assert float((out - source).abs().mean()) > 1e-2
