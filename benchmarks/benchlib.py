@@ -39,15 +39,18 @@ RUN_DONE_RE = re.compile(r"run done: (\d+) model calls, (\d+) tile evaluations; 
 
 # ----------------------------------------------------------------------------- setup
 
-def load_fixtures():
-    """tests/fixtures.py as module ``qtd_fixtures`` (the way tests/conftest.py registers it)."""
+def load_fixtures(setup_comfy: bool = False):
+    """tests/fixtures.py as module ``qtd_fixtures`` (the way tests/conftest.py registers it); with
+    ``setup_comfy``, ComfyUI put on ``sys.path`` for the CPU as the tests do (``fx.setup_comfy``)."""
     name = "qtd_fixtures"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TESTS_DIR, "fixtures.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(TESTS_DIR, "fixtures.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    if setup_comfy:
+        module.setup_comfy()
     return module
 
 

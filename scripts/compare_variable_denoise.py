@@ -13,7 +13,6 @@ regenerated = the smallest, d = 0.8):
 * tile evaluations made.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -22,12 +21,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def load_fixtures():
-    spec = importlib.util.spec_from_file_location("qtd_fixtures", os.path.join(REPO, "tests", "fixtures.py"))
-    fx = importlib.util.module_from_spec(spec)
-    sys.modules["qtd_fixtures"] = fx
-    spec.loader.exec_module(fx)
-    fx.setup_comfy()
-    return fx
+    """tests/fixtures.py with ComfyUI set up for the CPU (the benchmarks' loader)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import benchlib
+    return benchlib.load_fixtures(setup_comfy=True)
 
 
 def main():

@@ -15,7 +15,6 @@ SpotDiffusion parameters' developer keys ``schedule`` and ``context_margin`` (pi
 does not know them ignores them.  It measures, it asserts nothing.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -26,12 +25,10 @@ METHODS = ("random", "sorted", "fibonacci")
 
 
 def load_fixtures():
-    spec = importlib.util.spec_from_file_location("qtd_fixtures", os.path.join(REPO, "tests", "fixtures.py"))
-    fx = importlib.util.module_from_spec(spec)
-    sys.modules["qtd_fixtures"] = fx
-    spec.loader.exec_module(fx)
-    fx.setup_comfy()
-    return fx
+    """tests/fixtures.py with ComfyUI set up for the CPU (the benchmarks' loader)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import benchlib
+    return benchlib.load_fixtures(setup_comfy=True)
 
 
 def seed_range(text: str) -> list[int]:
