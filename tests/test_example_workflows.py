@@ -92,24 +92,24 @@ def option_specs(name: str, opts: dict, value) -> list:
     return []
 
 
-def widget_specs(specs: list, values: list) -> list:
-    """[(name, type, options, index of its value)] of the node's widgets in order, dynamic combos
-    expanded by their values, with the frontend's extra control / upload values skipped."""
+def widget_specs(specs: list, values: list) -> tuple[list, int]:
+    """([(name, type, options, index of its value, index of its control_after_generate value or
+    None)] of the node's widgets in order, dynamic combos expanded by their values; how many values
+    they take, the frontend's extra control / upload values included)."""
     out, queue, k = [], [s for s in specs if is_widget(s[1])], 0
     while queue:
         name, typ, opts, _req = queue.pop(0)
         if not is_widget(typ):
             continue
-        out.append((name, typ, opts, k))
         value = values[k] if k < len(values) else None
-        k += 1
+        control = None
         if opts.get("control_after_generate") or (typ == "INT" and name.split(".")[-1] in SEED_WIDGETS):
-            k += 1
-        if opts.get("image_upload"):
-            k += 1  # the upload button's value
-        if typ == DYNAMIC_COMBO:
+            control = k + 1
+        out.append((name, typ, opts, k, control))
+        k += 1 + (control is not None) + bool(opts.get("image_upload"))    # the upload button's value
+        if typ == DYNAMIC_COMBO:        # the chosen option's widgets follow the combo's value
             queue = option_specs(name, opts, value) + queue
-    return out
+    return out, k
 
 
 def check_value(node_label, name, typ, opts, value) -> list:
@@ -169,27 +169,19 @@ def validate_ui(wf: dict, object_info: dict) -> list:
         # widget values, in input order, with the frontend's extra values
         values = list(n.get("widgets_values", []))
         linked_widgets = {i["name"] for i in n.get("inputs", []) if i.get("widget") and i.get("link") is not None}
-        k = 0
-        queue = [sp for sp in specs if is_widget(sp[1])]
-        while queue:
-            name, typ, opts, _req = queue.pop(0)
+        widgets, used = widget_specs(specs, values)
+        for name, typ, opts, k, control in widgets:
             if k >= len(values):
                 errs.append(f"{label}: no widget value for {name!r}")
                 break
             if name not in linked_widgets:
                 errs += check_value(label, name, typ, opts, values[k])
-            if typ == DYNAMIC_COMBO:     # the chosen option's widgets follow the combo's value
-                queue = [sp for sp in option_specs(name, opts, values[k]) if is_widget(sp[1])] + queue
-            k += 1
-            if opts.get("control_after_generate") or (typ == "INT" and name.split(".")[-1] in SEED_WIDGETS):
-                if k >= len(values) or values[k] not in CONTROL_VALUES:
-                    errs.append(f"{label}: {name!r} must be followed by a control_after_generate value "
-                                f"{CONTROL_VALUES}, got {values[k] if k < len(values) else None!r}")
-                k += 1
-            if opts.get("image_upload"):
-                k += 1  # the upload button's value
-        if k != len(values):
-            errs.append(f"{label}: {len(values)} widget values for {k} widgets: {values}")
+            if control is not None and (control >= len(values) or values[control] not in CONTROL_VALUES):
+                errs.append(f"{label}: {name!r} must be followed by a control_after_generate value "
+                            f"{CONTROL_VALUES}, got {values[control] if control < len(values) else None!r}")
+        else:
+            if used != len(values):
+                errs.append(f"{label}: {len(values)} widget values for {used} widgets: {values}")
         # link inputs
         by_name = {name: (typ, req) for name, typ, _o, req in specs}
         slots = {i["name"]: i for i in n.get("inputs", [])}
@@ -249,7 +241,7 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
         info = object_info[n["type"]]
         inputs = {}
         values = list(n["widgets_values"])
-        for name, _typ, _opts, k in widget_specs(input_specs(info), values):
+        for name, _typ, _opts, k, _control in widget_specs(input_specs(info), values)[0]:
             inputs[name] = values[k]
         for slot in n["inputs"]:
             if slot.get("link") is not None:
