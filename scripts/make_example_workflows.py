@@ -107,8 +107,6 @@ CORE = set(WIDGETS) - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusion
                        "QuadtreeTileCrops", "QuadtreeTileConditioning"}
 # The ComfyUI version a core node first appeared in, where later than COMFY_VERSION.
 CORE_SINCE = {"TextGenerate": "0.15.0"}
-# Model files a workflow names that ComfyUI's frontend offers to download when missing.
-MODEL_URLS = {}  # filled below, next to the files' names
 # INT widgets the frontend follows with a control_after_generate widget: those that ask for it
 # (KSampler's seed) and, by the frontend's legacy rule, every widget named seed or noise_seed.
 SEED_WIDGETS = {"seed", "noise_seed"}
@@ -120,8 +118,9 @@ SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 TILE_CN = "control_v11f1e_sd15_tile.pth"
 CAPTION_VLM = "qwen3vl_8b_fp8_scaled.safetensors"   # Qwen3-VL 8B: a vision-language model ComfyUI runs itself
-MODEL_URLS[CAPTION_VLM] = {"name": CAPTION_VLM, "directory": "text_encoders",
-                           "url": "https://huggingface.co/Comfy-Org/Qwen3-VL/resolve/main/text_encoders/" + CAPTION_VLM}
+# Model files a workflow names that ComfyUI's frontend offers to download when missing.
+MODEL_URLS = {CAPTION_VLM: {"name": CAPTION_VLM, "directory": "text_encoders",
+                            "url": "https://huggingface.co/Comfy-Org/Qwen3-VL/resolve/main/text_encoders/" + CAPTION_VLM}}
 CAPTION_PROMPT = ("Describe this image in one short phrase for an image generator: the main subject, its "
                   "material and texture. Answer with the phrase only.")
 TILE_STYLE = ", detailed photograph, sharp focus, high quality"
