@@ -35,7 +35,7 @@ import torch
 
 from . import model_families as mf
 from . import variable_denoise as vd
-from .tile_inputs import broadcast_source, check_items, chunk_subset, select_rows
+from .tile_inputs import broadcast_source, chunk_subset, item_rows
 from .tile_plan import TileConfig, plan_for
 from .utils import (RUN_KEY, P, cond_dicts, counts_in, group_by_size, latent_compression, latent_patch_size,
                     summed_area)
@@ -209,7 +209,7 @@ class RegionalCalls:
 
     def _area_call(self, model, x, t, c, cou, n_chunks, base, run):
         """A call on part of the canvas (a prompt with an area): each group of chunks with the same
-        box on the canvas is evaluated with the canvas plan restricted to that box (:func:`touching`);
+        box on the canvas is evaluated with the canvas plan restricted to that box (:class:`AreaPlan`);
         with one layout per IMAGE-batch item, each item with its own plan."""
         h, w = int(x.shape[-2]), int(x.shape[-1])
         to = c.get("transformer_options", {})
@@ -219,15 +219,9 @@ class RegionalCalls:
         items = len(self.cfg.layouts)
         if items == 1:
             return self._area_boxes(model, x, t, c, cou, n_chunks, run, base, boxes, 0)
-        N = x.shape[0]
-        B = N // n_chunks
-        check_items(B, items)
         out = torch.empty_like(x)
-        for b in range(B):
-            rows = slice(b, None, B)     # item b in every cond chunk (rows are chunk-major)
-            tb = t[rows] if t.ndim > 0 and t.shape[0] == N else t
-            out[rows] = self._area_boxes(model, x[rows], tb, select_rows(c, rows, N), cou, n_chunks, run, base,
-                                         boxes, b)
+        for b, rows, xb, tb, cb in item_rows(x, t, c, n_chunks, items):
+            out[rows] = self._area_boxes(model, xb, tb, cb, cou, n_chunks, run, base, boxes, b)
         return out
 
     def _area_boxes(self, model, x, t, c, cou, n_chunks, run, base, boxes, item):

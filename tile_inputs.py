@@ -119,6 +119,17 @@ def check_items(B: int, items: int) -> None:
                          f"image")
 
 
+def item_rows(x, t, c: dict, n_chunks: int, items: int):
+    """With one layout per image of an IMAGE batch: (b, rows, x, t, model kwargs) of item b in every
+    cond chunk, for each item (rows are chunk-major: a strided slice, no index tensor)."""
+    N = x.shape[0]
+    B = N // n_chunks
+    check_items(B, items)
+    for b in range(B):
+        rows = slice(b, None, B)
+        yield b, rows, x[rows], (t[rows] if t.ndim > 0 and t.shape[0] == N else t), select_rows(c, rows, N)
+
+
 def chunk_subset(x, t, c, cou, n_chunks: int, chunks: list):
     """(rows, timestep, model kwargs, cond_or_uncond) of some cond chunks of a call (rows are
     chunk-major), with ``transformer_options``' per-chunk lists cut to match."""

@@ -31,7 +31,7 @@ from . import variable_denoise as vd
 from .sampling_run import RunState, SamplingRun
 from .spot_diffusion import spot_margin
 from .tile_control import TileControl
-from .tile_inputs import TileBatch, broadcast_source, check_items, select_rows, source_fits, tile_cond, tile_value
+from .tile_inputs import TileBatch, broadcast_source, item_rows, source_fits, tile_cond, tile_value
 from .tile_patches import tile_transformer_options
 from .tile_plan import Plan, TileConfig, plan_for, plan_has_levels
 from .utils import RUN_KEY, P, PV, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
@@ -111,13 +111,8 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
         if items == 1:
             return self._call_item(model, x, t, c, cou, n_chunks, run, base, src, 0)
         B = x.shape[0] // n_chunks
-        check_items(B, items)
         out = torch.empty_like(x)
-        for b in range(B):
-            rows = slice(b, None, B)     # item b in every cond chunk (rows are chunk-major); no index tensor
-            xb = x[rows]
-            tb = t[rows] if t.ndim > 0 and t.shape[0] == x.shape[0] else t
-            cb = select_rows(c, rows, x.shape[0])
+        for b, rows, xb, tb, cb in item_rows(x, t, c, n_chunks, items):
             sb = None if src is None else src[b:b + 1] if src.shape[0] == B else src
             out[rows] = self._call_item(model, xb, tb, cb, cou, n_chunks, run, base, sb, b)
         return out
