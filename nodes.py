@@ -14,6 +14,7 @@ from . import quadtree as qt
 from . import tile_conditioning as tcond
 from . import tile_preview as tp
 from . import tiled_vae
+from .reference_latents import MODES as REFERENCE_MODES
 from .tile_plan import TileConfig
 from .tiled_diffusion import tiled_model
 from .utils import METHODS, SHIFT_METHODS, SPOT_KEY
@@ -181,6 +182,14 @@ class QuadtreeDiffusion(io.ComfyNode):
                 Quadtree.Input("quadtree", optional=True,
                                tooltip="Layout from Quadtree Visualizer, built on the image you encode into this "
                                        "latent. Leave empty for a regular grid."),
+                io.Combo.Input("reference_mode", options=list(REFERENCE_MODES), default=REFERENCE_MODES[0],
+                               optional=True,
+                               tooltip="Reference images of edit models (ReferenceLatent: Kontext, Flux.2, "
+                                       "Qwen-Image-Edit). Either way each tile meets the reference where the "
+                                       "whole image would. crop to tile: a reference at least the image's size "
+                                       "is cropped to each tile (cost and memory follow the tile). whole image: "
+                                       "every tile gets the whole reference (each tile also sees the reference "
+                                       "outside it; costs the reference's tokens in every tile)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="A clone of the model that samples in tiles; connect it to a KSampler."),
@@ -188,14 +197,18 @@ class QuadtreeDiffusion(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, method=None, variable_denoise=None):
+    def validate_inputs(cls, method=None, variable_denoise=None, reference_mode=None):
         return _choice_error("method", method, METHODS) or \
-            _choice_error("variable_denoise", variable_denoise, MODES) or True
+            _choice_error("variable_denoise", variable_denoise, MODES) or \
+            (reference_mode is not None and _choice_error("reference_mode", reference_mode, REFERENCE_MODES)) or True
 
     @classmethod
     def execute(cls, model, method, enable_overlap, tile_overlap, tile_batch_size, skip_diffusion_below,
-                variable_denoise, tile_width, tile_height, quadtree=None) -> io.NodeOutput:
-        err = _choice_error("method", method, METHODS) or _choice_error("variable_denoise", variable_denoise, MODES)
+                variable_denoise, tile_width, tile_height, quadtree=None,
+                reference_mode=REFERENCE_MODES[0]) -> io.NodeOutput:
+        reference_mode = reference_mode or REFERENCE_MODES[0]
+        err = _choice_error("method", method, METHODS) or _choice_error("variable_denoise", variable_denoise, MODES) \
+            or _choice_error("reference_mode", reference_mode, REFERENCE_MODES)
         if err:
             raise ValueError(err)
         layouts = quadtree if isinstance(quadtree, (tuple, list)) else (quadtree,)
@@ -206,7 +219,7 @@ class QuadtreeDiffusion(io.ComfyNode):
         cfg = TileConfig(method=method, enable_overlap=bool(enable_overlap), tile_overlap=int(tile_overlap),
                          tile_batch_size=int(tile_batch_size), skip_below=int(skip_diffusion_below),
                          variable_denoise=variable_denoise, tile_width=int(tile_width),
-                         tile_height=int(tile_height), layout=quadtree)
+                         tile_height=int(tile_height), layout=quadtree, reference_mode=reference_mode)
         return io.NodeOutput(tiled_model(model, cfg))
 
 

@@ -33,6 +33,7 @@ class TileConfig:
     tile_width: int = 1024
     tile_height: int = 1024
     layout: qt.Layout | tuple | None = None   # one layout, or one per batch item (IMAGE batch)
+    reference_mode: str = "crop to tile"       # reference images: "crop to tile" or "whole image" (reference_latents.py)
 
     @property
     def layouts(self) -> tuple:

@@ -24,6 +24,7 @@ import threading
 import torch
 
 from . import model_families as mf
+from . import reference_latents as refs
 from . import regional
 from . import spot_diffusion as sd
 from . import tile_conditioning as tcond
@@ -250,6 +251,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
         whole = mf.whole_keys(model.base)
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
+        rs = refs.ref_set(model.base, c, H, W, mf.spatial_patch(model.base), self.cfg.reference_mode)
         for group in plan.groups(evaluated, windows):
             h, w = windows[group[0]].size
             k = max(1, self._batch_size(run, model, x, n_chunks, (h, w)))
@@ -268,10 +270,15 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
                     ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
                                                                          run.hints if run is not None else rep,
                                                                          xt.device)
+                rpatch = None
+                if rs is not None:      # reference images: each tile meets them where the canvas does
+                    ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, H, W)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, tb)
                 pred = model(xt, tt, ct, cou)
+                if rpatch is not None:
+                    rpatch.check(model.base)
                 pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
                 for j, (i, wi) in enumerate(zip(idx, wins)):
                     if weights is None:

@@ -305,8 +305,9 @@ def _qwen_image(cls):
     cfg = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
                attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=[8, 12, 12])
     m = build(cls, cfg)
-    # Qwen-Image-Edit: reference latents (whole per tile), 5-D as its VAE encodes them
-    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 6, 4, seed=9)])
+    # Qwen-Image-Edit: a reference latent of the canvas's size (cropped to each tile), 5-D as its VAE encodes
+    # it; where each tile meets it: test_reference_positions.py
+    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 16, 16, seed=9)])
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
 

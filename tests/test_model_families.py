@@ -9,11 +9,10 @@ Choices pinned down here:
   its offset) would change what the model draws per tile and break seams; every tile keeps the
   conditioning of the canvas, as in untiled sampling.
 * FLUX Fill-style ``c_concat`` (same size as the latent) is cropped per tile with the latent.
-* Kontext-style ``ref_latents`` (a list of reference latents) go whole to every tile, even when a
-  reference has the canvas size: a reference image is context for the whole picture, and the
-  FLUX model places reference tokens at their own positions (index 1), not at the tile's.  With
-  tile batches > 1 each reference is repeated per tile row (the model concatenates reference
-  tokens per batch row, so the batch must match).
+* Kontext-style ``ref_latents`` (a list of reference latents): a reference that covers the canvas
+  (here the first, of the canvas's size) is cropped to each tile's box, one crop per tile row; one
+  placed beside it (FLUX's default "offset" method, the second) goes whole to every tile row.  Where
+  each tile meets the references is tested in test_reference_positions.py.
 * 5-D latents [B, C, T, H, W] (Wan): tiled over H and W, T untouched.
 * Patchifying models (SD3, FLUX, Wan: 2x2 patches): every tile window has even size and origin
   (except a window flush with an odd canvas edge), so the model never pads a tile.
@@ -150,7 +149,8 @@ def test_family_tiled_sampling(pack, fx, name):
             if name == "flux_fill":
                 assert c["c_concat"].shape[0] == rows and c["c_concat"].shape[-2:] == x.shape[-2:]
             if name == "kontext":
-                assert [r.shape for r in c["ref_latents"]] == [(rows, 16, 12, 16), (rows, 16, 6, 4)]
+                # the canvas-sized reference cropped to the tile, the one placed beside it whole
+                assert [r.shape for r in c["ref_latents"]] == [(rows, 16, *x.shape[-2:]), (rows, 16, 6, 4)]
 
 
 # --------------------------------------------------------------------------- exactness per family
@@ -173,7 +173,8 @@ def _plan(pack, m, batch_item=0):
 
 def test_conditioning_per_tile(pack, fx):
     """What each tile gets, compared with the canvas call: SDXL y and FLUX guidance repeated,
-    FLUX Fill c_concat cropped to the tile, Kontext ref_latents whole, chunk-major rows."""
+    FLUX Fill c_concat cropped to the tile, Kontext's canvas-sized reference cropped to the tile and
+    the one beside it whole, chunk-major rows."""
     def canvas_and_tiles(name):
         model, pos, neg, lat = family(fx, name, 2)
         m, log = fx.logged(model)
@@ -203,8 +204,11 @@ def test_conditioning_per_tile(pack, fx):
                         continue
                     fv = full.c[key]
                     if key == "ref_latents":
-                        for a, b in zip(v, fv):
-                            assert torch.equal(a.reshape(2, k, 2, *a.shape[1:])[:, j], b.reshape(2, 2, *b.shape[1:]))
+                        for i, (a, b) in enumerate(zip(v, fv)):
+                            b = b.reshape(2, 2, *b.shape[1:])
+                            if i == 0:
+                                b = b[..., w.y0:w.y1, w.x0:w.x1]
+                            assert torch.equal(a.reshape(2, k, 2, *a.shape[1:])[:, j], b)
                         continue
                     if not torch.is_tensor(v) or v.shape[0] != call.x.shape[0]:
                         continue
