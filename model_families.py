@@ -38,9 +38,11 @@ import torch
 WHOLE_KEYS = frozenset({"ref_latents", "reference_latent", "encoder_hidden_states_llama3", "face_pixel_values",
                         "clip_fea"})
 
-# Inputs of WHOLE_KEYS that a model class uses as part of its canvas (concatenated to the latent along
-# time, so they must have the tile's size): class name -> keys.
-SPATIAL_FOR = {"SCAILWanModel": frozenset({"reference_latent"})}
+# Inputs of WHOLE_KEYS that a model class uses on the canvas's own token grid, so a tile needs its crop:
+# class name (and subclasses) -> keys.  Every Wan model: its reference_latent is frame 0 of the canvas's grid
+# (ref_conv: Wan 2.2 Fun / Animate; whole, it does not even fit a tile), frames after the canvas's (S2V,
+# HuMo) or frames concatenated to the latent (SCAIL); reference_latents.check_canvas_grid refuses other sizes.
+SPATIAL_FOR = {"WanModel": frozenset({"reference_latent"})}
 
 
 

@@ -56,37 +56,55 @@ CROP, WHOLE = "crop to tile", "whole image"
 MODES = (CROP, WHOLE)
 
 
+ANY = None        # a family without reference methods: every reference placed on its own, at (h, w) offset 0
+
+
 @dataclass(frozen=True)
 class Scheme:
     """How a family places reference tokens, read from its ``_forward`` (see the module docstring).
 
-    ``independent``: methods that put every reference at (h, w) offset 0 (each its own index);
-    ``after_canvas``: methods that put references after the canvas, diagonally (FLUX "uxo");
-    any other method places each reference beside the previous ones (ComfyUI's "offset" branch).
-    ``centred``: ids centred per image (id = i - n // 2).  ``rope``: the canvas ids follow
-    ``transformer_options["rope_options"]`` (scale = id step)."""
+    ``independent``: methods that put every reference at (h, w) offset 0 (each its own index), or
+    :data:`ANY` where the family has no methods and always does; ``after_canvas``: methods that put
+    references after the canvas, diagonally (FLUX "uxo"); any other method places each reference
+    beside the previous ones (ComfyUI's "offset" branch).  ``centred``: ids centred per image
+    (id = i - n // 2).  ``rope``: the canvas ids follow ``transformer_options["rope_options"]``
+    (scale = id step).  ``needs_method``: references are ignored unless a method is set (Krea 2).
+    ``hook``: ComfyUI calls ``post_input`` patches with the ids (else only shift-free crops work)."""
     family: str
-    centred: bool
-    rope: bool
-    independent: frozenset
-    after_canvas: frozenset
-    default_attr: tuple          # where the model keeps its default method, and the fallback value
+    centred: bool = False
+    rope: bool = False
+    independent: frozenset | None = ANY
+    after_canvas: frozenset = frozenset()
+    default_attr: tuple = ("",)          # where the model keeps its default method, and the fallback value
+    needs_method: bool = False
+    hook: bool = True
 
-    def default_method(self, dm) -> str:
+    def default_method(self, dm) -> str | None:
         obj = dm
         for name in self.default_attr[:-1]:
             obj = getattr(obj, name, None)
         return obj if isinstance(obj, str) else self.default_attr[-1]
 
+    def places_independently(self, method) -> bool:
+        return self.independent is ANY or method in self.independent
 
-FLUX = Scheme("FLUX", centred=False, rope=True, independent=frozenset({"index", "index_timestep_zero"}),
+
+FLUX = Scheme("FLUX", rope=True, independent=frozenset({"index", "index_timestep_zero"}),
               after_canvas=frozenset({"uxo"}), default_attr=("params", "default_ref_method", "offset"))
-QWEN = Scheme("Qwen-Image", centred=True, rope=False,
-              independent=frozenset({"index", "index_timestep_zero", "negative_index"}),
-              after_canvas=frozenset(), default_attr=("default_ref_method", "index"))
+QWEN = Scheme("Qwen-Image", centred=True, independent=frozenset({"index", "index_timestep_zero", "negative_index"}),
+              default_attr=("default_ref_method", "index"))
+KREA2 = Scheme("Krea 2", default_attr=("default_ref_method", None), needs_method=True)
+# No post_input hook: (h, w) ids from 0 for the canvas and for every reference (Omnigen2 / Boogu also move
+# the canvas's index axis by each reference's longer side: a crop moves it by the crop's, i.e. the tile is
+# placed like an edit of the tile's size), so only a crop of a covering reference keeps the relation.
+OMNIGEN2 = Scheme("OmniGen2 / Boogu", hook=False)
+LUMINA = Scheme("Lumina 2 / Z-Image", rope=True, hook=False)
+JOYIMAGE = Scheme("JoyImage", hook=False)
 
 # Diffusion-model class name -> scheme (by class, never by ComfyUI version).
-SCHEMES = {"Flux": FLUX, "QwenImageTransformer2DModel": QWEN}
+SCHEMES = {"Flux": FLUX, "QwenImageTransformer2DModel": QWEN, "SingleStreamDiT": KREA2,
+           "OmniGen2Transformer2DModel": OMNIGEN2, "BooguTransformer2DModel": OMNIGEN2, "NextDiT": LUMINA,
+           "JoyImageTransformer3DModel": JOYIMAGE}
 
 
 def scheme_of(base_model) -> Scheme | None:
@@ -121,7 +139,7 @@ def placements(scheme: Scheme, method: str, canvas_hw, refs_hw, p: int) -> list[
     H, W = tokens(canvas_hw[0], p), tokens(canvas_hw[1], p)
     out, h, w = [], 0, 0
     for rh, rw in refs_hw:
-        if method in scheme.independent:
+        if scheme.places_independently(method):
             ho = wo = 0
         elif method in scheme.after_canvas:
             ho, wo = H * p + h, W * p + w
@@ -193,6 +211,8 @@ def ref_set(base_model, c: dict, H: int, W: int, p: int, mode: str) -> RefSet | 
     dm = base_model.diffusion_model
     method = c.get(METHOD_KEY)
     method = method if isinstance(method, str) else scheme.default_method(dm)
+    if scheme.needs_method and method is None:
+        return None             # the model ignores its references (Krea 2 without a method)
     shapes = [(int(r.shape[-2]), int(r.shape[-1])) for r in refs]
     place = placements(scheme, method, (H, W), shapes, p)
     Ht, Wt = tokens(H, p), tokens(W, p)
@@ -304,14 +324,19 @@ class ReferencePositions:
         out["img_ids"] = new
         return out
 
+    def needed(self) -> bool:
+        return bool((self.shifts != 0).any())
+
     def check(self, base_model) -> None:
-        """After the model call: a shift that was needed must have been applied."""
-        if self.calls == 0 and bool((self.shifts != 0).any()):
+        """After the model call (or before it, for a family known to have no hook): a shift that was
+        needed must have been applied."""
+        if self.calls == 0 and self.needed():
             name = type(getattr(base_model, "diffusion_model", None)).__name__
-            raise RuntimeError(f"reference latents: this ComfyUI's {name} does not call the 'post_input' patch of "
-                               f"transformer_options, so Quadtree Diffusion cannot place the reference images for "
-                               f"each tile; give references at least the canvas's size with reference mode "
-                               f"'{CROP}', use one tile, or update ComfyUI")
+            raise RuntimeError(f"reference latents: {name} (this ComfyUI) has no 'post_input' patch point to move "
+                               f"position ids, so Quadtree Diffusion cannot place a reference image that is smaller "
+                               f"than the canvas, placed beside it, or given whole to a tile; give references at "
+                               f"least the canvas's size with reference_mode '{CROP}', or use one tile (a newer "
+                               f"ComfyUI may add the patch point)")
 
 
 def _given(rs: RefSet, wins, Hc: int, Wc: int) -> list:
@@ -335,7 +360,7 @@ def _given(rs: RefSet, wins, Hc: int, Wc: int) -> list:
     return out
 
 
-def tile_references(ct: dict, c: dict, rs: RefSet, wins, n_chunks: int, N: int, Hc: int, Wc: int):
+def tile_references(ct: dict, c: dict, rs: RefSet, wins, n_chunks: int, N: int, Hc: int, Wc: int, base_model=None):
     """The tile batch's model kwargs with each reference cropped where :class:`RefSet` says, and a
     :class:`ReferencePositions` patch first in ``transformer_options['patches']['post_input']``.
     Returns (kwargs, patch)."""
@@ -361,6 +386,9 @@ def tile_references(ct: dict, c: dict, rs: RefSet, wins, n_chunks: int, N: int, 
     origin = torch.tensor([[-centre(rs.scheme, tokens(w.y1 - w.y0, rs.p)), -centre(rs.scheme, tokens(w.x1 - w.x0, rs.p))]
                            for w in wins], dtype=torch.float64)
     patch = ReferencePositions(grids, per_row(shifts), per_row(natural), per_row(origin), per_row(origins), rs.step)
+    if not rs.scheme.hook:
+        patch.check(base_model)         # no patch point: refuse before the model call
+        return ct, None
     to = dict(ct.get("transformer_options") or {})
     patches = dict(to.get("patches") or {})
     patches["post_input"] = [patch] + list(patches.get("post_input") or [])
@@ -381,3 +409,37 @@ def tile_natural(rs: RefSet, wins, given) -> torch.Tensor:
             out[j, k, 0] = ph - centre(sc, tokens(gh, p))
             out[j, k, 1] = pw - centre(sc, tokens(gw, p))
     return out
+
+
+# --------------------------------------------------------------------------- references on the canvas's grid
+
+# Model inputs that a family reads as an image on the canvas's own token grid (ids from 0, like the
+# canvas's), so each tile takes its crop: (class name, key).  A size other than the canvas's would meet
+# the canvas index by index (top-left), which a crop cannot keep and no patch point can move.
+GRID_INPUTS = {("WanModel", "reference_latent"): "a Wan reference image (Fun / Animate ref_conv, S2V, HuMo, SCAIL)",
+               ("WanModel", "context_latents"): "a Wan Bernini context video or image"}
+
+# Model inputs placed beside the canvas at an offset of the canvas's width: (class name, key) -> what it is.
+BESIDE_CANVAS = {("HunyuanVideo", "ref_latent"): "HunyuanVideo's image-to-video reference (custom guidance)"}
+
+
+def check_canvas_grid(c: dict, base_model, H: int, W: int, windows) -> None:
+    """Refuse, with a clear error, reference inputs no tile can meet where the canvas does:
+    :data:`GRID_INPUTS` of another size than the canvas, and :data:`BESIDE_CANVAS` inputs when a
+    window is narrower than the canvas (their ids start at the canvas's width: a tile's differ)."""
+    names = {cls.__name__ for cls in type(getattr(base_model, "diffusion_model", None)).__mro__}
+    for (cls, key), what in GRID_INPUTS.items():
+        if cls not in names or key not in c:
+            continue
+        v = c[key]
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if torch.is_tensor(t) and t.dim() >= 4 and tuple(t.shape[-2:]) != (H, W):
+                raise ValueError(f"{key}: {what} of {t.shape[-1]}x{t.shape[-2]} latent px, on a canvas of {W}x{H}: "
+                                 f"the model lays it on the canvas's own grid, so each tile needs its crop, and a "
+                                 f"reference of another size cannot be placed per tile; encode the reference at the "
+                                 f"canvas's size, or remove Quadtree Diffusion")
+    for (cls, key), what in BESIDE_CANVAS.items():
+        if cls in names and torch.is_tensor(c.get(key)) and any(w.x1 - w.x0 < W for w in windows):
+            raise ValueError(f"{key}: {what} is placed beside the canvas at the canvas's width, which a narrower "
+                             f"tile cannot keep; set tile_width to at least the image's width (tiles then split "
+                             f"its height only), or remove Quadtree Diffusion")

@@ -251,6 +251,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
         whole = mf.whole_keys(model.base)
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
+        refs.check_canvas_grid(c, model.base, H, W, [windows[i] for i in evaluated])
         rs = refs.ref_set(model.base, c, H, W, mf.spatial_patch(model.base), self.cfg.reference_mode)
         for group in plan.groups(evaluated, windows):
             h, w = windows[group[0]].size
@@ -272,7 +273,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
                                                                          xt.device)
                 rpatch = None
                 if rs is not None:      # reference images: each tile meets them where the canvas does
-                    ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, H, W)
+                    ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, H, W, model.base)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, tb)

@@ -27,6 +27,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 OUT = os.path.join(REPO, "example_workflows")
 
 # Widget inputs per node type, in input order (links are declared separately).
+# Optional widgets added to a node after the first examples (saved workflows load without them): their
+# default where an example does not set them.
+WIDGET_DEFAULTS = {("QuadtreeDiffusion", "reference_mode"): "crop to tile"}
+
 WIDGETS = {
     "CheckpointLoaderSimple": ["ckpt_name"],
     "CLIPTextEncode": ["text"],
@@ -37,7 +41,7 @@ WIDGETS = {
     "VAEEncodeTiled_QuadtreeDiffusion": ["tile_size", "fast", "color_fix"],
     "VAEDecodeTiled_QuadtreeDiffusion": ["tile_size", "fast"],
     "QuadtreeDiffusion": ["method", "enable_overlap", "tile_overlap", "tile_batch_size",
-                          "skip_diffusion_below", "variable_denoise", "tile_width", "tile_height"],
+                          "skip_diffusion_below", "variable_denoise", "tile_width", "tile_height", "reference_mode"],
     "SpotDiffusionParams_QuadtreeDiffusion": ["shift_method", "seed", "context_margin"],
     "KSampler": ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
     "EmptyLatentImage": ["width", "height", "batch_size"],
@@ -137,6 +141,7 @@ class Graph:
 
     def node(self, type_: str, pos, size, title: str | None = None, color=None, **widgets) -> int:
         nid = len(self.nodes) + 1
+        widgets = {**{w: v for (t, w), v in WIDGET_DEFAULTS.items() if t == type_}, **widgets}
         missing = [w for w in WIDGETS[type_] if w not in widgets]
         extra = [w for w in widgets if w not in WIDGETS[type_]]
         if missing or extra:

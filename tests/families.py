@@ -659,8 +659,9 @@ def _omnigen2(cls):
                ffn_dim_multiplier=None, axes_dim_rope=[8, 12, 12], axes_lens=[64, 64, 64], text_feat_dim=64,
                timestep_scale=1000.0)
     m = build(cls, cfg)
+    # a reference of the canvas's size (cropped to each tile: test_reference_positions.py)
     pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long),
-                     reference_latents=[rand(1, 16, 6, 4, seed=9)])
+                     reference_latents=[rand(1, 16, 16, 16, seed=9)])
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
 
@@ -772,7 +773,7 @@ def _boogu(cls):
                multiple_of=16, axes_dim_rope=[8, 12, 12], axes_lens=[64, 64, 64], instruction_feat_dim=64)
     m = build(cls, cfg)
     pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long),
-                     reference_latents=[rand(1, 16, 6, 4, seed=9)])
+                     reference_latents=[rand(1, 16, 16, 16, seed=9)])
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
 
@@ -781,7 +782,7 @@ def _joyimage(cls):
     cfg = dict(image_model="joyimage", patch_size=[1, 2, 2], in_channels=16, hidden_size=64, num_attention_heads=2,
                text_dim=64, mlp_width_ratio=2.0, num_layers=1)
     m = build(cls, cfg, after=dict(rope_dim_list=[8, 12, 12], theta=10000))
-    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 6, 4, seed=9)])
+    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 16, 16, seed=9)])
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
 
 
@@ -800,7 +801,8 @@ def _krea2(cls):
     cfg = dict(image_model="krea2", features=64, tdim=32, txtdim=64, heads=2, kvheads=2, multiplier=2, layers=1,
                patch=2, channels=16, txtlayers=1, txtheads=2, txtkvheads=2)
     m = build(cls, cfg)
-    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 6, 4, seed=9)])
+    # Krea 2 reads its references only with a method set (its default is None)
+    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 16, 16, seed=9)], reference_latents_method="index")
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
 
 

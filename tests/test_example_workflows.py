@@ -170,9 +170,14 @@ def validate_ui(wf: dict, object_info: dict) -> list:
         values = list(n.get("widgets_values", []))
         linked_widgets = {i["name"] for i in n.get("inputs", []) if i.get("widget") and i.get("link") is not None}
         widgets, used = widget_specs(specs, values)
-        for name, typ, opts, k, control in widgets:
+        optional = {name for name, _t, _o, req in specs if not req}
+        for i, (name, typ, opts, k, control) in enumerate(widgets):
             if k >= len(values):
-                errs.append(f"{label}: no widget value for {name!r}")
+                # a workflow saved before optional inputs were added ends early: the frontend keeps those
+                # widgets' defaults (saved workflows must load); a missing required value is an error
+                if not all(w[0] in optional and "default" in w[2] for w in widgets[i:]):
+                    errs.append(f"{label}: no widget value for {name!r}")
+                used = k
                 break
             if name not in linked_widgets:
                 errs += check_value(label, name, typ, opts, values[k])
@@ -292,6 +297,10 @@ def test_validator_catches_broken_workflows(object_info):
     assert broken(lambda wf: node(wf, "QuadtreeVisualizer")["widgets_values"].__setitem__(2, 1.5))  # min_denoise
     assert broken(lambda wf: node(wf, "KSampler")["widgets_values"].pop(1))  # control_after_generate
     assert broken(lambda wf: node(wf, "QuadtreeDiffusion")["widgets_values"].append(3))
+    # saved before reference_mode (an optional last input) existed: loads with its default; a required
+    # widget's value missing does not
+    assert not broken(lambda wf: node(wf, "QuadtreeDiffusion")["widgets_values"].pop())
+    assert broken(lambda wf: [node(wf, "QuadtreeDiffusion")["widgets_values"].pop() for _ in range(2)])
     assert broken(lambda wf: wf["links"][0].__setitem__(5, "LATENT"))
     q = next(l for l in good["links"] if l[5] == "QUADTREE")
     assert broken(lambda wf: next(l for l in wf["links"] if l[0] == q[0]).__setitem__(2, 0))  # vis IMAGE -> quadtree

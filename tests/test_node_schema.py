@@ -48,7 +48,9 @@ EXPECTED = {
             ("tile_width", "INT", {"default": 1024, "min": 64, "max": 16384, "step": 8}),
             ("tile_height", "INT", {"default": 1024, "min": 64, "max": 16384, "step": 8}),
         ],
-        "optional": [("quadtree", "QUADTREE", {})],
+        "optional": [("quadtree", "QUADTREE", {}),
+                     # added after (issue 20); optional, last: saved workflows load unchanged
+                     ("reference_mode", ["crop to tile", "whole image"], {"default": "crop to tile"})],
         "output": ["MODEL"],
         "output_name": ["MODEL"],
     },

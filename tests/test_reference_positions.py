@@ -40,13 +40,20 @@ def coded(fmt, C, h, w, p, tag, five=False):
     return fmt.process_out(z)
 
 
+# The diffusion model's layers that take the image tokens (canvas and references, patchified: channel-major
+# (c ph pw)) and the position ids (text then image): family -> (token embedder, id embedder).
+EMBEDDERS = {"Flux": ("img_in", "pe_embedder"), "Flux2": ("img_in", "pe_embedder"),
+             "QwenImage": ("img_in", "pe_embedder"), "Krea2": ("first", "pe_embedder")}
+
+
 class Tokens:
     """Every (token content, position ids) the diffusion model embeds, one entry per forward."""
 
-    def __init__(self, dm):
+    def __init__(self, dm, name="Flux"):
+        tok, ids = EMBEDDERS[name]
         self.content, self.ids = [], []
-        self.hooks = [dm.img_in.register_forward_pre_hook(lambda m, a: self.content.append(a[0].detach().clone())),
-                      dm.pe_embedder.register_forward_pre_hook(lambda m, a: self.ids.append(a[0].detach().clone()))]
+        self.hooks = [getattr(dm, tok).register_forward_pre_hook(lambda m, a: self.content.append(a[0].detach().clone())),
+                      getattr(dm, ids).register_forward_pre_hook(lambda m, a: self.ids.append(a[0].detach().clone()))]
 
     def close(self):
         for h in self.hooks:
@@ -67,22 +74,25 @@ class Tokens:
 
 
 def family_setup(name):
+    import comfy.supported_models as sm
+    if name not in {m.__name__ for m in sm.models}:
+        pytest.skip(f"this ComfyUI has no {name}")
     t = fam.tiny(name)
     fmt = t.model.model.latent_format
-    five = name == "QwenImage"
+    five = name in ("QwenImage", "Krea2")
     return t, fmt, fmt.latent_channels, t.patch[0], five
 
 
-def conditioning(t, refs, method=None):
+def conditioning(t, refs, method=None, name=None):
     extra = {"reference_latents": refs}
-    if method:
-        extra["reference_latents_method"] = method
+    if method or name == "Krea2":       # Krea 2 reads references only with a method
+        extra["reference_latents_method"] = method or "index"
     return (node_helpers.conditioning_set_values(t.positive, extra),
             node_helpers.conditioning_set_values(t.negative, extra))
 
 
-def record(model, dm, pos, neg, lat, cfg=2.0):
-    rec = Tokens(dm)
+def record(model, dm, pos, neg, lat, cfg=2.0, name="Flux"):
+    rec = Tokens(dm, name)
     try:
         comfy_nodes.KSamplerAdvanced().sample(model, "disable", 0, 4, cfg, "euler", "simple", pos, neg,
                                               {"samples": lat}, 2, 3, "enable")
@@ -152,25 +162,26 @@ def check_relation(rec, p, table, partner_tags=(), canvas_tokens=None):
     return n_rows
 
 
-FAMILIES = ["Flux", "Flux2", "QwenImage"]
+FAMILIES = ["Flux", "Flux2", "QwenImage", "Krea2"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("layout", ["grid", "quadtree", "spot"])
 def test_every_tile_meets_the_reference_where_the_canvas_does(pack, fx, name, layout):
-    """FLUX Kontext (FLUX with a reference), Flux.2 and Qwen-Image-Edit; a reference of the canvas's
-    size; grid, quadtree and SpotDiffusion; tile batch 1 and 4; CFG 2 (two cond chunks per call)."""
+    """FLUX Kontext (FLUX with a reference), Flux.2, Qwen-Image-Edit and Krea 2 (where ComfyUI has it); a
+    reference of the canvas's size; grid, quadtree and SpotDiffusion; tile batch 1 and 4; CFG 2 (two cond
+    chunks per call)."""
     t, fmt, C, p, five = family_setup(name)
     comp = pack.utils.latent_compression(t.model.model)
     ref = coded(fmt, C, H, W, p, 10, five)
-    pos, neg = conditioning(t, [ref])
+    pos, neg = conditioning(t, [ref], name=name)
     lat = coded(fmt, C, H, W, p, CANVAS_TAG, five)
     dm = t.model.model.diffusion_model
-    table = untiled_ids(record(t.model, dm, pos, neg, lat), p)
+    table = untiled_ids(record(t.model, dm, pos, neg, lat, name=name), p)
     n_canvas = (H // p) * (W // p)
     for batch in (1, 4):
         m = tiled(pack, fx, t.model, tile_batch_size=batch, **layout_kwargs(pack, fx, layout, comp, p))
-        rec = record(m, dm, pos, neg, lat)
+        rec = record(m, dm, pos, neg, lat, name=name)
         rows = check_relation(rec, p, table, partner_tags=(10,), canvas_tokens=n_canvas)
         assert rows >= 2 * 2            # at least two tiles, two chunks each
         if batch == 4:
@@ -233,7 +244,7 @@ def test_several_references_and_other_sizes_keep_the_untiled_relation(pack, fx, 
     try:
         rec = record(m, dm, pos, neg, lat)
     except RuntimeError as e:
-        assert not hook and "post_input" in str(e) and "update ComfyUI" in str(e)
+        assert not hook and "post_input" in str(e) and "reference_mode" in str(e)
         # only where the ids had to move: a reference that does not cover the canvas, or whole references
         assert mode == "whole image" or len(covering) < len(sizes)
         return
@@ -281,3 +292,104 @@ def test_rope_options_shift_and_scale(pack, fx, mode):
     # canvas token's id untiled: the relation (constant id offsets) is all there is to keep
     covering = [tag for tag in (10, 20) if partners(table, tag)]
     check_relation(record(m, dm, pos, neg, lat), p, table, partner_tags=covering, canvas_tokens=(H // p) * (W // p))
+
+
+# --------------------------------------------------------------------------- Wan / HunyuanVideo reference inputs
+
+def decode_place(v, p, frame=None):
+    """(row, col) grids [rows, h, w] of a coordinate-coded tensor [rows, C, (T,) h, w] (ratios to channel 3)."""
+    if v.dim() == 5:
+        v = v[:, :, 0 if frame is None else frame]
+    return (v[:, 0] / v[:, 3] - 1).round().long(), (v[:, 1] / v[:, 3] - 1).round().long()
+
+
+@pytest.mark.parametrize("variant", ["ref_conv", "s2v"])
+def test_wan_reference_latent_is_the_tiles_crop(pack, fx, variant):
+    """Wan lays its reference image on the canvas's own grid (ref_conv: Wan 2.2 Fun Control / Animate, frame 0
+    before the canvas's; S2V / HuMo: frames after the canvas's): a tile gets the crop at its place.  Whole,
+    a ref_conv reference does not even fit a tile (the model's frame count and token grid disagree)."""
+    import comfy.supported_models as sm
+    if variant == "ref_conv":
+        cls = next(m for m in sm.models if m.__name__ == "WAN21_T2V")
+        model = fam.build(cls, fam._wan_cfg(in_dim_ref_conv=16))
+        p, T = 2, 3
+    else:
+        t = fam.tiny("WAN22_S2V")
+        model, p, T = t.model, 2, 3
+    fmt = model.model.latent_format
+    ref = coded(fmt, 16, H, W, p, 10, five=True)
+    pos, neg = (node_helpers.conditioning_set_values(c, {"reference_latents": [ref]})
+                for c in fam.conds(64))
+    lat = coded(fmt, 16, H, W, p, CANVAS_TAG, five=True).expand(1, 16, T, H, W).contiguous()
+    m, log = fx.logged(model)
+    tm = tiled(pack, fx, m, tile_batch_size=4, tile_width=64, tile_height=64)
+    comfy_nodes.KSamplerAdvanced().sample(tm, "disable", 0, 4, 2.0, "euler", "simple", pos, neg,
+                                          {"samples": lat}, 2, 3, "enable")
+    assert len(log.calls) >= 2 and all(call.x.shape[-2:] != (H, W) for call in log.calls)
+    for call in log.calls:
+        r = call.c["reference_latent"]
+        assert r.shape[0] == call.x.shape[0] and r.shape[-2:] == call.x.shape[-2:]
+        ry, rx = decode_place(r, p)
+        xy, xx = decode_place(call.x, p)
+        assert torch.equal(ry, xy) and torch.equal(rx, xx), "a tile got the reference of another place"
+    # a reference of another size than the canvas cannot be placed per tile: refused, naming the input
+    small = coded(fmt, 16, H // 2, W // 2, p, 10, five=True)
+    pos2, neg2 = (node_helpers.conditioning_set_values(c, {"reference_latents": [small]}) for c in fam.conds(64))
+    with pytest.raises(ValueError, match="reference_latent: .*canvas's size"):
+        fx.run_ksampler(tiled(pack, fx, model, tile_width=64, tile_height=64), pos2, neg2, lat, steps=1, cfg=2.0)
+
+
+def test_hunyuan_video_reference_beside_the_canvas_needs_full_width_tiles(pack, fx):
+    """HunyuanVideo's image-to-video reference (``ref_latent``, custom guidance) has ids offset by the canvas's
+    width: tiles narrower than the canvas are refused with a clear error; tiles of the full width (splitting the
+    height) keep it and sample.  (CFG 1 and tile batch 1: ComfyUI's HunyuanVideo writes into an expanded id
+    tensor, which fails for any model call of more than one row, untiled too.)"""
+    t = fam.tiny("HunyuanVideo")
+    lat = t.latent
+    ref = fam.rand(1, 16, 1, *lat.shape[-2:], seed=4)
+    pos, neg = (node_helpers.conditioning_set_values(c, {"ref_latent": ref}) for c in (t.positive, t.negative))
+    H_, W_ = lat.shape[-2:]
+    with pytest.raises(ValueError, match="ref_latent: .*tile_width"):
+        fx.run_ksampler(tiled(pack, fx, t.model, tile_width=W_ * 4, tile_height=H_ * 4), pos, neg, lat,
+                        steps=1, cfg=2.0)
+    out = fx.run_ksampler(tiled(pack, fx, t.model, tile_width=W_ * 8, tile_height=H_ * 4, tile_overlap=8,
+                                tile_batch_size=1), pos, neg, lat, steps=1, cfg=1.0)
+    assert out.shape == lat.shape and torch.isfinite(out).all()
+
+
+
+# --------------------------------------------------------------------------- families without a post_input hook
+
+NO_HOOK = ["Omnigen2", "Boogu", "JoyImage", "ZImage"]
+
+
+@pytest.mark.parametrize("name", NO_HOOK)
+def test_families_without_a_hook_take_crops_of_covering_references(pack, fx, name):
+    """Omnigen2, Boogu, JoyImage and Z-Image (Omni) build (h, w) ids from 0 for the canvas and for every
+    reference, inside their own embedders (no patch point: ComfyUI calls no post_input there).  A reference of
+    the canvas's size is cropped to each tile, so the tile and its crop restart at 0 together: every tile token
+    meets the reference token at its canvas place (checked on what the model receives: each row's reference
+    crop holds the tile's own place).  A reference that does not cover the canvas cannot be placed per tile
+    there: refused before the first model call, with the fix in the message."""
+    t, fmt, C, p, _ = family_setup(name)
+    five = t.latent.ndim == 5
+    lat = coded(fmt, C, H, W, p, CANVAS_TAG, five)
+    ref = coded(fmt, C, H, W, p, 10, five)
+    pos, neg = conditioning(t, [ref])
+    m, log = fx.logged(t.model)
+    comfy_nodes.KSamplerAdvanced().sample(tiled(pack, fx, m, tile_batch_size=4, tile_width=64, tile_height=64),
+                                          "disable", 0, 4, 2.0, "euler", "simple", pos, neg, {"samples": lat}, 2, 3,
+                                          "enable")
+    if "ref_latents" not in log.calls[0].c:
+        pytest.skip(f"this ComfyUI's {name} takes no reference latents")
+    assert len(log.calls) >= 2
+    for call in log.calls:
+        (r,) = call.c["ref_latents"]
+        assert r.shape[0] == call.x.shape[0] and r.shape[-2:] == call.x.shape[-2:] != (H, W)
+        assert all(torch.equal(a, b) for a, b in zip(decode_place(r, p), decode_place(call.x, p)))
+    small = coded(fmt, C, H // 2, W // 2, p, 10, five)
+    pos2, neg2 = conditioning(t, [small])
+    log.calls.clear()
+    with pytest.raises(RuntimeError, match="no 'post_input' patch point"):
+        fx.run_ksampler(tiled(pack, fx, m, tile_width=64, tile_height=64), pos2, neg2, lat, steps=1, cfg=2.0)
+    assert not log.calls, "refused only after calling the model"
