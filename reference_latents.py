@@ -116,6 +116,21 @@ def scheme_of(base_model) -> Scheme | None:
     return None
 
 
+def reads_references(base_model) -> bool:
+    """Whether the diffusion model's ``forward`` (or the ``_forward`` it wraps) takes ``ref_latents``; else
+    they go to ``**kwargs``, unread."""
+    import inspect
+    cls = type(getattr(base_model, "diffusion_model", None))
+    for name in ("forward", "_forward"):
+        fn = getattr(cls, name, None)
+        try:
+            if fn is not None and "ref_latents" in inspect.signature(fn).parameters:
+                return True
+        except (TypeError, ValueError):
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------- the maths
 
 def tokens(n: int, p: int) -> int:
@@ -203,6 +218,8 @@ def ref_set(base_model, c: dict, H: int, W: int, p: int, mode: str) -> RefSet | 
     if not isinstance(refs, (list, tuple)) or not refs:
         return None
     scheme = scheme_of(base_model)
+    if scheme is None and not reads_references(base_model):
+        return None             # e.g. Chroma: ComfyUI builds ref_latents for it, its forward ignores them
     if scheme is None:
         name = type(getattr(base_model, "diffusion_model", None)).__name__
         raise ValueError(f"reference latents: Quadtree Diffusion does not know how {name} places reference images "
@@ -419,7 +436,8 @@ def tile_natural(rs: RefSet, wins, given) -> torch.Tensor:
 GRID_INPUTS = {("WanModel", "reference_latent"): "a Wan reference image (Fun / Animate ref_conv, S2V, HuMo, SCAIL)",
                ("WanModel", "context_latents"): "a Wan Bernini context video or image"}
 
-# Model inputs placed beside the canvas at an offset of the canvas's width: (class name, key) -> what it is.
+# Model inputs placed beside the canvas at an offset of the canvas's width: (ComfyUI model class name, i.e. the
+# model_base class that builds the input, key) -> what it is.
 BESIDE_CANVAS = {("HunyuanVideo", "ref_latent"): "HunyuanVideo's image-to-video reference (custom guidance)"}
 
 
@@ -428,6 +446,7 @@ def check_canvas_grid(c: dict, base_model, H: int, W: int, windows) -> None:
     :data:`GRID_INPUTS` of another size than the canvas, and :data:`BESIDE_CANVAS` inputs when a
     window is narrower than the canvas (their ids start at the canvas's width: a tile's differ)."""
     names = {cls.__name__ for cls in type(getattr(base_model, "diffusion_model", None)).__mro__}
+    bases = {cls.__name__ for cls in type(base_model).__mro__}
     for (cls, key), what in GRID_INPUTS.items():
         if cls not in names or key not in c:
             continue
@@ -439,7 +458,21 @@ def check_canvas_grid(c: dict, base_model, H: int, W: int, windows) -> None:
                                  f"reference of another size cannot be placed per tile; encode the reference at the "
                                  f"canvas's size, or remove Quadtree Diffusion")
     for (cls, key), what in BESIDE_CANVAS.items():
-        if cls in names and torch.is_tensor(c.get(key)) and any(w.x1 - w.x0 < W for w in windows):
+        if cls in bases and torch.is_tensor(c.get(key)) and any(w.x1 - w.x0 < W for w in windows):
             raise ValueError(f"{key}: {what} is placed beside the canvas at the canvas's width, which a narrower "
                              f"tile cannot keep; set tile_width to at least the image's width (tiles then split "
                              f"its height only), or remove Quadtree Diffusion")
+
+
+def describe(base_model) -> str:
+    """How this model's reference images are tiled, in a few words (the README's family table)."""
+    names = {cls.__name__ for cls in type(getattr(base_model, "diffusion_model", None)).__mro__}
+    bases = {cls.__name__ for cls in type(base_model).__mro__}
+    found = [f"`{key}` cropped (canvas-sized; other sizes refused)" for (cls, key) in GRID_INPUTS
+             if cls in names and key == "reference_latent"]
+    found += [f"`{key}`: tiles of the full width only" for (cls, key) in BESIDE_CANVAS if cls in bases]
+    scheme = scheme_of(base_model)
+    if scheme is not None and reads_references(base_model):
+        found.append("cropped to the tile, or whole with ids moved per tile" if scheme.hook else
+                     "cropped to the tile (references at least the canvas's size; others refused)")
+    return "; ".join(found) or "-"

@@ -33,9 +33,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--pack", default=None, help="load the node pack from this folder (e.g. an earlier version "
+                                                   "checked out elsewhere, to compare)")
     a = ap.parse_args(argv)
 
-    fx, pack, comfy_path = benchlib.setup("cpu", threads=1)
+    fx, pack, comfy_path = benchlib.setup("cpu", threads=1, pack_dir=a.pack)
+    pack_modes = getattr(getattr(pack, "reference_latents", None), "MODES", None) or ()
+    modes = pack_modes or ("(pack without reference_mode)",)
     spec = importlib.util.spec_from_file_location("qtd_families", os.path.join(REPO, "tests", "families.py"))
     fam = importlib.util.module_from_spec(spec)
     sys.modules["qtd_families"] = fam
@@ -73,7 +77,7 @@ def main(argv=None):
         std = base.std().item()
         canvas_tokens = (H // p) * (W // p)
         for layout, tile in (("one tile", (H, W)), ("2x2 grid", (H // 2 + H // 8, W // 2 + W // 8))):
-            for mode in pack.reference_latents.MODES + (None,):
+            for mode in tuple(modes) + (None,):
                 if mode is None:
                     model, label = t.model, "untiled"
                     if layout != "one tile":
@@ -81,7 +85,9 @@ def main(argv=None):
                 else:
                     args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
                     args.update(model=t.model, tile_batch_size=4, tile_width=tile[1] * comp, tile_height=tile[0] * comp,
-                                tile_overlap=(tile[0] // 4) * comp, reference_mode=mode)
+                                tile_overlap=(tile[0] // 4) * comp)
+                    if mode in pack_modes:
+                        args["reference_mode"] = mode
                     model, label = fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0], mode
                 try:
                     out, lengths = run(model)

@@ -76,6 +76,7 @@ def facts():
             t = fam.tiny(name)
             row.update(status="tested", patch=pack.utils.latent_patch_size(t.model.model),
                        min_tile=pack.model_families.min_tile(t.model.model),
+                       references=pack.reference_latents.describe(t.model.model),
                        frames=t.frames is not None or "frames_batch" in t.extra)
         else:
             row["status"] = "no tiny model"
@@ -89,7 +90,7 @@ def merge(paths):
     runs = [(label(p), json.load(open(p))) for p in paths]
     names = list(dict.fromkeys(n for _, r in runs for n in r))
     lines = ["| family | ComfyUI | latent format (compression) | patch (latent px) | tested | recommended tile "
-             "(native size, px) |", "|---|---|---|---|---|---|"]
+             "(native size, px) | reference images |", "|---|---|---|---|---|---|---|"]
     for n in names:
         have = [(v, r[n]) for v, r in runs if n in r]
         versions = ", ".join(v for v, _ in have)
@@ -101,7 +102,7 @@ def merge(paths):
             patch += f"; tiles >= {r['min_tile'] * r['compression']} px"
         kind = " (video)" if r.get("frames") else ""
         lines.append(f"| {n}{kind} | {versions} | {r['format']} ({r['compression']}x) | {patch} | {tested} | "
-                     f"{NATIVE.get(n, '-') if st == 'tested' else '-'} |")
+                     f"{NATIVE.get(n, '-') if st == 'tested' else '-'} | {r.get('references', '-')} |")
     print("\n".join(lines))
 
 

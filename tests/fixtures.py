@@ -150,17 +150,21 @@ def text_seed(text: str, seed: int = 0) -> int:
 def init_module_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
     """Fill every parameter deterministically (ComfyUI's ops skip torch's weight init).
 
-    Norm layers get weight 1 / bias 0; every other weight ~ N(0, gain / sqrt(fan_in)), biases 0.
+    Norm layers get weight 1 / bias 0 (torch's norms and the families' own RMSNorm / QK-norm classes, whose
+    gain is a 1-D ``weight`` or ``scale``: zero there would zero every query and key, and attention would be
+    uniform, blind to positions); every other weight ~ N(0, gain / sqrt(fan_in)), biases 0.
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
     done = set()
     for mod in module.modules():
-        if isinstance(mod, norm_types):
-            if getattr(mod, "weight", None) is not None:
-                mod.weight.fill_(1.0)
-                done.add(id(mod.weight))
-            if getattr(mod, "bias", None) is not None:
+        if isinstance(mod, norm_types) or type(mod).__name__.lower().endswith("norm"):
+            for name in ("weight", "scale"):
+                w = getattr(mod, name, None)
+                if isinstance(w, torch.nn.Parameter) and w.ndim == 1:
+                    w.fill_(1.0)
+                    done.add(id(w))
+            if isinstance(getattr(mod, "bias", None), torch.nn.Parameter):
                 mod.bias.zero_()
                 done.add(id(mod.bias))
     for pname, p in module.named_parameters():

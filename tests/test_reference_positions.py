@@ -393,3 +393,16 @@ def test_families_without_a_hook_take_crops_of_covering_references(pack, fx, nam
     with pytest.raises(RuntimeError, match="no 'post_input' patch point"):
         fx.run_ksampler(tiled(pack, fx, m, tile_width=64, tile_height=64), pos2, neg2, lat, steps=1, cfg=2.0)
     assert not log.calls, "refused only after calling the model"
+
+
+def test_a_family_that_ignores_references_is_left_alone(pack, fx):
+    """ComfyUI builds ``ref_latents`` for Chroma (its model class inherits FLUX's conditioning), but Chroma's
+    forward never reads them: the engine neither crops nor refuses them, and the run samples."""
+    t = fam.tiny("Chroma")
+    ref = fam.rand(1, 16, 16, 16, seed=3)
+    pos, neg = (node_helpers.conditioning_set_values(c, {"reference_latents": [ref]}) for c in (t.positive, t.negative))
+    m, log = fx.logged(t.model)
+    out = fx.run_ksampler(tiled(pack, fx, m, tile_width=64, tile_height=64, tile_batch_size=4), pos, neg, t.latent,
+                          steps=1, cfg=2.0)
+    assert torch.isfinite(out).all() and log.calls
+    assert all(r.shape[-2:] == (16, 16) for call in log.calls for r in call.c["ref_latents"])   # untouched, whole
