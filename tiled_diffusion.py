@@ -273,7 +273,8 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
                                                                          xt.device)
                 rpatch = None
                 if rs is not None:      # reference images: each tile meets them where the canvas does
-                    ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, H, W, model.base)
+                    ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, model.base,
+                                                         run.hints if run is not None else rep)
                 deferred = ct.get("control")
                 if hasattr(deferred, "tile_control"):
                     ct["control"] = deferred.tile_control(xt, tt, ct, tb)
