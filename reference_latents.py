@@ -138,7 +138,6 @@ class BatchGeometry:
     tile_origin: torch.Tensor   # [rows, 2]: expected first canvas token's (h, w) id
     origins: torch.Tensor       # [rows, n_refs, 2]: o_k, the crop's first token in the reference (0 if whole)
     grids: list                 # (t, h, w) tokens of each given reference
-    checked: bool = False       # ComfyUI's placement checked once (a host sync), not at every step
 
     @property
     def needed(self) -> bool:
@@ -174,15 +173,16 @@ class ReferencePositions:
     """A ``post_input`` patch of one tile batch: adds each model-input row's shift to the (h, w) ids of
     its reference tokens.  ComfyUI appends the references after the canvas tokens, last, so reference k's
     tokens end ``sum(tokens of k+1..)`` before the end (this patch runs first, before any patch that may
-    append tokens of its own).  The first time a batch geometry is used it also checks that ComfyUI placed
-    each reference where reference_positions.placements says, so a ComfyUI that places references
-    differently fails with a clear error instead of sampling a wrong image."""
+    append tokens of its own).  Once per run and set of references it also checks that ComfyUI placed each
+    reference where reference_positions.placements says, so a ComfyUI that places references differently
+    fails with a clear error instead of sampling a wrong image."""
 
-    def __init__(self, geo: BatchGeometry, step):
+    def __init__(self, geo: BatchGeometry, step, checked: set | None = None, key=None):
         self.geo = geo
         self.counts = [t * h * w for t, h, w in geo.grids]
         self.step = torch.tensor(step, dtype=torch.float64)
         self.calls = 0
+        self.checked, self.key = (checked if checked is not None else set()), key
 
     def __call__(self, args, *extra, **kwargs):
         ids, geo = args["img_ids"], self.geo
@@ -192,9 +192,9 @@ class ReferencePositions:
                                f"{geo.shifts.shape[0]} rows with {sum(self.counts)} reference tokens after the "
                                f"canvas's; this ComfyUI builds reference positions in a way Quadtree Diffusion "
                                f"does not know: please report it")
-        if not geo.checked:
+        if self.key not in self.checked:       # once per run and reference set: it costs a host sync
             self._check_placement(ids)
-            geo.checked = True
+            self.checked.add(self.key)
         new = ids.clone()
         step = self.step.to(ids.device, torch.float32)
         end = L
@@ -268,7 +268,8 @@ def tile_references(ct: dict, c: dict, rs: RefSet, wins, n_chunks: int, N: int, 
         refs[i] = torch.stack(crops, dim=1).reshape(-1, *v.shape[1:-2], *crops[0].shape[-2:])
     ct = dict(ct)
     ct[KEY] = refs
-    patch = ReferencePositions(geo, rs.step)
+    checked = cache.setdefault(("refs", "placement checked"), set()) if cache is not None else None
+    patch = ReferencePositions(geo, rs.step, checked, rs)
     if not rs.scheme.hook:
         patch.check(base_model)         # no patch point: refuse before the model call
         return ct, None
