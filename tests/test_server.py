@@ -21,7 +21,7 @@ EXPECTED_ORDER = {
     "QuadtreeDiffusion": {
         "required": ["model", "method", "enable_overlap", "tile_overlap", "tile_batch_size",
                      "skip_diffusion_below", "variable_denoise", "tile_width", "tile_height"],
-        "optional": ["quadtree"],
+        "optional": ["quadtree", "reference_mode"],       # reference_mode added after, last
     },
     "SpotDiffusionParams_QuadtreeDiffusion": {
         "required": ["model", "shift_method", "seed"],
