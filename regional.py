@@ -34,11 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from . import model_families as mf
+from . import tile_conditioning as tcond
 from . import variable_denoise as vd
-from .tile_inputs import broadcast_source, chunk_subset, item_rows
+from .tile_blend import Evaluation, Group
+from .tile_inputs import broadcast_source, chunk_subset, item_rows, map_tensors
 from .tile_plan import TileConfig, plan_for
-from .utils import (RUN_KEY, P, cond_dicts, counts_in, group_by_size, latent_compression, latent_patch_size,
-                    summed_area)
+from .tile_windows import WindowSet, counts_in
+from .utils import RUN_KEY, P, cond_dicts, latent_compression, latent_patch_size, summed_area
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +100,12 @@ def chunk_masks(run, to: dict, n_chunks: int) -> list | None:
     return sats if any(s is not None for s in sats) else None
 
 
-def touching(sat: torch.Tensor, windows, evaluated: tuple, cores: bool) -> tuple:
-    """The evaluated windows holding a pixel of the mask's support: in their written part, the core
-    (``cores``, SpotDiffusion's partition) or the whole window (blended windows)."""
-    rects = [windows[i].core if cores else (windows[i].y0, windows[i].y1, windows[i].x0, windows[i].x1)
-             for i in evaluated]
-    return tuple(i for i, n in zip(evaluated, counts_in(sat, rects)) if n > 0)
+def touching(sat: torch.Tensor, ev) -> torch.Tensor:
+    """Ids of the windows of the evaluation ``ev`` holding a pixel of the mask's support in their
+    written part: the core (SpotDiffusion's partition) or the whole window (blended windows)."""
+    ws = ev.windows
+    rects = ws.boxes[ev.ids] if ev.blended else ws.cores[ev.ids]
+    return ev.ids[counts_in(sat, rects) > 0]
 
 
 def chunk_boxes(run, to: dict, n_chunks: int, h: int, w: int) -> list | None:
@@ -118,6 +120,19 @@ def chunk_boxes(run, to: dict, n_chunks: int, h: int, w: int) -> list | None:
     return boxes
 
 
+def batchable(run, c: dict, n_chunks: int, N: int) -> bool:
+    """Whether chunks of one call may evaluate different windows in one model call: nothing in its
+    model kwargs depends on the window but x (no spatial tensor, no deferred or attached control,
+    no model patches, no tile prompts); otherwise each box is evaluated in calls of its own."""
+    to = c.get("transformer_options", {})
+    if c.get("control") is not None or to.get("patches") or tcond.chunk_prompts(run, to, n_chunks) is not None:
+        return False
+    spatial = []
+    map_tensors({k: v for k, v in c.items() if k != "transformer_options"},
+                lambda v: spatial.append(torch.is_tensor(v) and v.ndim >= 4 and v.shape[0] == N) or v)
+    return not any(spatial)
+
+
 def slide_inside(a0: int, a1: int, length: int) -> tuple[int, int]:
     """[a0, a1) with its size capped at ``length``, moved the least to lie inside [0, length)."""
     size = min(a1 - a0, length)
@@ -126,52 +141,57 @@ def slide_inside(a0: int, a1: int, length: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class Clipped:
-    """A canvas window slid inside an area, in the area's coordinates (engine Window interface);
-    ``core`` is the part of the canvas window inside the area."""
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    core: tuple
-    level: int
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.y1 - self.y0, self.x1 - self.x0)
+class AreaView:
+    """Where an area call's windows lie: its box (h x w) at ``frame`` = (y, x, canvas H, canvas W)."""
+    H: int
+    W: int
+    frame: tuple
 
 
-class AreaPlan:
-    """A canvas plan restricted to the box (y, x, h, w): what ``TiledDiffusion._evaluate`` needs
-    (``windows``, ``H``, ``W``, ``groups``; ``frame`` places them on the canvas) plus each window's
-    weights, in the box's coordinates.
+def area_evaluation(ev: Evaluation, box) -> Evaluation:
+    """A canvas evaluation restricted to the box (y, x, h, w), in the box's coordinates.
 
     Window w touching the box is evaluated on w slid inside the box (its size capped by the box's),
     so the part w ∩ box gets the context a canvas window has; its weight is the canvas's normalised
-    weight on w ∩ box and 0 on the context around it."""
-
-    def __init__(self, plan, evaluated, weights: dict, box):
-        y, x, h, w = box
-        self.H, self.W = h, w
-        self.frame = (y, x, plan.H, plan.W)     # the box's origin on the canvas, and the canvas
-        self.windows, self.weights = [], {}
-        for i in evaluated:
-            win = plan.windows[i]
-            cy0, cy1, cx0, cx1 = max(win.y0, y), min(win.y1, y + h), max(win.x0, x), min(win.x1, x + w)
-            if cy1 <= cy0 or cx1 <= cx0:
-                continue
-            ey0, ey1 = slide_inside(win.y0 - y, win.y1 - y, h)
-            ex0, ex1 = slide_inside(win.x0 - x, win.x1 - x, w)
-            wt = weights[i].new_zeros(ey1 - ey0, ex1 - ex0)
-            wt[cy0 - y - ey0:cy1 - y - ey0, cx0 - x - ex0:cx1 - x - ex0] = \
-                weights[i][cy0 - win.y0:cy1 - win.y0, cx0 - win.x0:cx1 - win.x0]
-            self.weights[len(self.windows)] = wt
-            self.windows.append(Clipped(ey0, ey1, ex0, ex1, (cy0 - y, cy1 - y, cx0 - x, cx1 - x), win.level))
-        self.evaluated = tuple(range(len(self.windows)))
-
-    def groups(self, evaluated, windows=None) -> list[list[int]]:
-        """Evaluated window indices grouped by window size (batchable together)."""
-        return group_by_size(evaluated, self.windows if windows is None else windows)
+    weight on w ∩ box and 0 on the context around it; its core is w ∩ box.  Vectorised per window
+    size (a gather of the canvas weights with a validity mask)."""
+    y, x, h, w = box
+    boxes, cores, levels, parts = [], [], [], {}
+    n = 0
+    for g in ev.groups:
+        b = g.boxes
+        cy0, cy1 = torch.clamp(b[:, 0], min=y), torch.clamp(b[:, 1], max=y + h)
+        cx0, cx1 = torch.clamp(b[:, 2], min=x), torch.clamp(b[:, 3], max=x + w)
+        sel = torch.nonzero((cy1 > cy0) & (cx1 > cx0)).reshape(-1)
+        if sel.numel() == 0:
+            continue
+        (gh, gw), bb = g.size, b[sel]
+        sh, sw = min(gh, h), min(gw, w)
+        ey0 = torch.clamp(torch.clamp(bb[:, 0] - y, min=0), max=h - sh)
+        ex0 = torch.clamp(torch.clamp(bb[:, 2] - x, min=0), max=w - sw)
+        rows = (ey0 + y - bb[:, 0])[:, None] + torch.arange(sh)[None, :]      # rows of the canvas window
+        cols = (ex0 + x - bb[:, 2])[:, None] + torch.arange(sw)[None, :]
+        valid = ((rows >= 0) & (rows < gh))[:, :, None] & ((cols >= 0) & (cols < gw))[:, None, :]
+        dev = g.weights.device
+        wt = g.weights[sel.to(dev)[:, None, None], rows.clamp(0, gh - 1).to(dev)[:, :, None],
+                       cols.clamp(0, gw - 1).to(dev)[:, None, :]]
+        wt = wt * valid.to(dev)
+        boxes.append(torch.stack((ey0, ey0 + sh, ex0, ex0 + sw), dim=1))
+        cores.append(torch.stack((cy0[sel] - y, cy1[sel] - y, cx0[sel] - x, cx1[sel] - x), dim=1))
+        levels.append(ev.windows.levels[g.ids[sel]])
+        parts.setdefault((sh, sw), []).append((torch.arange(n, n + sel.numel()), wt))
+        n += sel.numel()
+    if not n:
+        return Evaluation(WindowSet(torch.zeros(0, 4)), torch.zeros(0, dtype=torch.int64), h, w,
+                          ev.device, ev.dtype, None, groups=[])
+    ws = WindowSet(torch.cat(boxes), torch.cat(cores), torch.cat(levels))
+    groups = []
+    for size, pieces in parts.items():
+        ids = torch.cat([i for i, _ in pieces])
+        bx = ws.boxes[ids]
+        groups.append(Group(size, ids, bx, ws.cores[ids], bx[:, [0, 2]].to(ev.device),
+                            torch.cat([wt for _, wt in pieces])))
+    return Evaluation(ws, torch.arange(n), h, w, ev.device, ev.dtype, None, groups=groups)
 
 
 # --------------------------------------------------------------------------- the engine's regional calls
@@ -181,36 +201,51 @@ class RegionalCalls:
     whose ``_plan``, ``_step``, ``_coefficients`` and ``_evaluate`` it uses): calls of a prompt with
     an area, and the chunks of prompts with a plain mask in a canvas call."""
 
-    def _evaluate_masked(self, model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights,
-                         run, masks):
+    def _evaluate_masked(self, model, x, t, c, cou, n_chunks, plan, ev, run, masks):
         """``_evaluate`` with the chunks of each mask prompt evaluated only on the windows holding a
         pixel of its mask's support (:func:`touching`); ComfyUI weights its x0 by 0 everywhere else.
-        Chunks that need the same windows share model calls."""
-        groups: dict = {}           # windows to evaluate -> the chunks that need them
+
+        Each window is evaluated once for all the chunks that need it: windows are grouped by that set
+        of chunks (with one mask prompt: its windows with every chunk, the others without it), and
+        each chunk's weights are normalised over its own windows."""
+        per_chunk = []
         for j, sat in enumerate(masks):
-            ev = evaluated if sat is None else touching(sat, windows, evaluated, cores=weights is None)
+            ids = ev.ids if sat is None else touching(sat, ev)
             if sat is not None and run.once(f"mask{id(sat)}"):
                 log.info("%s prompt with a mask: evaluated on the %d of %d tile windows that hold its mask", P,
-                         len(ev), len(evaluated))
-            run.stats["mask_saved"] += len(evaluated) - len(ev)
-            groups.setdefault(ev, []).append(j)
-        run.stats["tiles"] += sum(len(ev) for ev in groups) - len(evaluated)
-        run.stats["mask_apart"] += sum(len(ev) for ev in groups if ev != evaluated)
+                         ids.numel(), len(ev))
+            run.stats["mask_saved"] += len(ev) - ids.numel()
+            per_chunk.append(ids)
+        member = torch.stack([torch.isin(ev.ids, ids) for ids in per_chunk])       # [chunks, windows]
+        code = (member.long() << torch.arange(n_chunks)[:, None]).sum(0)
         out = torch.zeros_like(x)           # x0 of a mask prompt where its mask is 0: weighted 0 by ComfyUI
-        for ev, chunks in groups.items():
-            if not ev:
+        full = (1 << n_chunks) - 1
+        for cd in torch.unique(code).tolist():
+            chunks = [j for j in range(n_chunks) if cd >> j & 1]
+            ids = ev.ids[code == cd]
+            if not chunks:
                 continue
-            wts = plan.normalized(ev) if weights is not None and ev != evaluated else weights
-            if len(chunks) == n_chunks:
-                return self._evaluate(model, x, t, c, cou, n_chunks, plan, windows, ev, wts, run)
+            run.stats["tiles"] += ids.numel()
+            if cd != full:
+                run.stats["mask_apart"] += ids.numel()
+            if ev.blended:
+                sets = [per_chunk[j] for j in chunks]
+                distinct = list({s.numpy().tobytes(): s for s in sets}.values())
+                sub = ev.subset(ids, sets if len(distinct) > 1 else sets[:1])
+            else:
+                sub = ev.subset(ids)
+            if cd == full:
+                out += self._evaluate(model, x, t, c, cou, n_chunks, plan, sub, run)
+                continue
             rows, tr, cr, coul = chunk_subset(x, t, c, cou, n_chunks, chunks)
-            out[rows] = self._evaluate(model, x[rows], tr, cr, coul, len(chunks), plan, windows, ev, wts, run)
+            out[rows] += self._evaluate(model, x[rows], tr, cr, coul, len(chunks), plan, sub, run)
+        run.stats["tiles"] -= len(ev)
         return out
 
     def _area_call(self, model, x, t, c, cou, n_chunks, base, run):
         """A call on part of the canvas (a prompt with an area): each group of chunks with the same
-        box on the canvas is evaluated with the canvas plan restricted to that box (:class:`AreaPlan`);
-        with one layout per IMAGE-batch item, each item with its own plan."""
+        box on the canvas is evaluated with the canvas plan restricted to that box
+        (:func:`area_evaluation`); with one layout per IMAGE-batch item, each item with its own plan."""
         h, w = int(x.shape[-2]), int(x.shape[-1])
         to = c.get("transformer_options", {})
         boxes = chunk_boxes(run, to, n_chunks, h, w)
@@ -225,18 +260,23 @@ class RegionalCalls:
         return out
 
     def _area_boxes(self, model, x, t, c, cou, n_chunks, run, base, boxes, item):
-        """The chunks of an area call grouped by their box, each group evaluated on its box."""
+        """The chunks of an area call grouped by their box, each group evaluated on its box; where the
+        call's inputs allow (:func:`batchable`), windows of one size from different boxes share model
+        calls (:meth:`_evaluate_parts`)."""
+        distinct = list(dict.fromkeys(boxes))          # the distinct boxes, in call order
+        if len(distinct) == 1:
+            return self._area_item(model, x, t, c, cou, n_chunks, run, base, distinct[0], item)
+        parts = [(box, [j for j, b in enumerate(boxes) if b == box]) for box in distinct]
+        if batchable(run, c, n_chunks, x.shape[0]):
+            return self._area_parts(model, x, t, c, cou, n_chunks, run, base, parts, item)
         out = torch.empty_like(x)
-        for box in dict.fromkeys(boxes):          # the distinct boxes, in call order
-            chunks = [j for j, b in enumerate(boxes) if b == box]
-            if len(chunks) == n_chunks:
-                return self._area_item(model, x, t, c, cou, n_chunks, run, base, box, item)
+        for box, chunks in parts:
             rows, tr, cr, coul = chunk_subset(x, t, c, cou, n_chunks, chunks)
             out[rows] = self._area_item(model, x[rows], tr, cr, coul, len(chunks), run, base, box, item)
         return out
 
-    def _area_item(self, model, x, t, c, cou, n_chunks, run, base, box, item=0):
-        """x0' = src + A (x - src) + beta (M - x) on the box, with the canvas plan's windows clipped to it."""
+    def _area_setup(self, x, t, c, n_chunks, run, base, box, item):
+        """(plan, coefficients, source crop, area evaluation) of one box of an area call."""
         y, x0, h, w = box
         Hc, Wc = run.canvas
         plan = self._plan(run, Hc, Wc, base, x, item)
@@ -248,24 +288,103 @@ class RegionalCalls:
         src = src[..., y:y + h, x0:x0 + w] if src is not None and src.shape[-2:] == (Hc, Wc) and \
             src.shape[0] in (1, B) and src.shape[1:-2] == x.shape[1:-2] else None
         coeffs = self._coefficients(plan, run, step, n, src, x)
-        evaluated = plan.windows_of({lvl for lvl, (a, _) in enumerate(coeffs) if a > 0})
         # SpotDiffusion: the unshifted partition (normalised weights 1), whose tiles carry the levels
-        area = AreaPlan(plan, evaluated, plan.normalized(evaluated), box)
-        run.stats["tiles"] += len(area.windows)
+        canvas = plan.evaluation(plan.windows_of({lvl for lvl, (a, _) in enumerate(coeffs) if a > 0}))
+        key = (box, canvas.ids.numpy().tobytes())
+        area = plan.area_cache.get(key)
+        if area is None:
+            area = area_evaluation(canvas, box)
+            if len(plan.area_cache) >= 32:
+                plan.area_cache.pop(next(iter(plan.area_cache)))
+            plan.area_cache[key] = area
+        run.stats["tiles"] += len(area)
         if run.once(f"area{box}"):
             log.info("%s prompt with an area (%d,%d %dx%d latent px): %d of the canvas's tile windows, clipped to it",
-                     P, x0, y, w, h, len(area.windows))
-        if not area.windows:
-            return broadcast_source(src, x, n_chunks)
-        blend = self._evaluate(model, x, t, c, cou, n_chunks, area, area.windows, area.evaluated, area.weights, run)
+                     P, x0, y, w, h, len(area))
+        return plan, coeffs, src, area
+
+    def _area_finish(self, mixed, x, n_chunks, plan, coeffs, src, box):
+        """x0' = src + A (x - src) + beta (M - x) on the box."""
         if all(a == 1.0 and b == 1.0 for a, b in coeffs):
-            return blend
+            return mixed
+        y, x0, h, w = box
+        B = x.shape[0] // n_chunks
         A, beta = plan.activity_maps(coeffs)
         A, beta = A[y:y + h, x0:x0 + w], beta[y:y + h, x0:x0 + w]
         xv = x.reshape(n_chunks, B, *x.shape[1:])
-        mv = blend.reshape(n_chunks, B, *x.shape[1:])
+        mv = mixed.reshape(n_chunks, B, *x.shape[1:])
         sv = src.to(x).reshape(1, src.shape[0], *x.shape[1:])
         return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
+
+    def _area_item(self, model, x, t, c, cou, n_chunks, run, base, box, item=0):
+        """x0' = src + A (x - src) + beta (M - x) on the box, with the canvas plan's windows clipped to it."""
+        plan, coeffs, src, area = self._area_setup(x, t, c, n_chunks, run, base, box, item)
+        if not len(area):
+            return broadcast_source(src, x, n_chunks)
+        view = AreaView(box[2], box[3], (box[0], box[1], plan.H, plan.W))
+        mixed = self._evaluate(model, x, t, c, cou, n_chunks, view, area, run)
+        return self._area_finish(mixed, x, n_chunks, plan, coeffs, src, box)
+
+    def _area_parts(self, model, x, t, c, cou, n_chunks, run, base, parts, item):
+        """An area call whose chunks lie in different boxes: each box's windows of one size batched
+        with the other boxes' windows of that size (:meth:`_evaluate_parts`), then each box's chunks
+        combined with its own source crop and activity maps."""
+        setups = [(chunks, self._area_setup(x, t, c, n_chunks, run, base, box, item)) for box, chunks in parts]
+        mixed = self._evaluate_parts(model, x, t, c, cou, n_chunks, [(chunks, s[3]) for chunks, s in setups], run)
+        out = torch.empty_like(x)
+        B = x.shape[0] // n_chunks
+        for (box, _), (chunks, (plan, coeffs, src, area)) in zip(parts, setups):
+            rows = [j * B + b for j in chunks for b in range(B)]
+            if not len(area):
+                out[rows] = broadcast_source(src, x[rows], len(chunks))
+            else:
+                out[rows] = self._area_finish(mixed[rows], x[rows], len(chunks), plan, coeffs, src, box)
+        return out
+
+    def _evaluate_parts(self, model, x, t, c, cou, n_chunks, parts, run):
+        """``_evaluate`` for a call whose chunks evaluate different windows (``parts``: (chunks, their
+        Evaluation in the call's coordinates)): windows of one size from every part go into one model
+        call, k per part (a part that runs out drops out of the later calls).  Only for calls whose
+        model kwargs hold nothing per window but x (:func:`batchable`)."""
+        import comfy.model_management as mm
+        from .tile_blend import blend, gather
+        from .tile_inputs import tile_cond, tile_value
+        x = x.contiguous()
+        N = x.shape[0]
+        B = N // n_chunks
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        out = torch.zeros_like(x)
+        sizes = list(dict.fromkeys(g.size for _, ev in parts for g in ev.groups))
+        whole = mf.whole_keys(model.base)
+        for size in sizes:
+            streams = [(chunks, ev, g) for chunks, ev in parts for g in ev.groups if g.size == size]
+            k = max(1, self._batch_size(run, model, x, n_chunks, size))
+            pos = 0
+            while True:
+                live = [s for s in streams if s[2].ids.numel() > pos]
+                if not live:
+                    break
+                mm.throw_exception_if_processing_interrupted()
+                kk = min(k, min(g.ids.numel() - pos for _, _, g in live))
+                sl = slice(pos, pos + kk)
+                chunks = [j for ch, _, _ in live for j in ch]
+                rows, tr, cr, coul = chunk_subset(x, t, c, cou, n_chunks, chunks)
+                xt = torch.cat([gather(x[[j * B + b for j in ch for b in range(B)]], len(ch), g.starts[sl], *size)
+                                for ch, _, g in live])
+                wins = live[0][1].windows_of(live[0][2], sl)      # only its length is read: nothing is cropped
+                ns = len(rows)
+                tt = tile_value(tr, wins, len(chunks), ns, H, W, False) if tr.ndim > 0 and tr.shape[0] == ns else tr
+                ct = tile_cond(cr, wins, len(chunks), ns, H, W, None, whole)
+                pred = model(xt, tt, ct, coul)
+                run.count_call(xt)
+                r = 0
+                for ch, ev, g in live:
+                    for j in ch:
+                        blend(out[j * B:(j + 1) * B], pred[r * kk * B:(r + 1) * kk * B], 1, g.starts[sl],
+                              ev.batch_weights(g, sl), g.cores_only)
+                        r += 1
+                pos += kk
+        return out
 
     def _area_grid_call(self, model, x, t, c, cou, n_chunks, base, run):
         """A call on part of the canvas whose place is unknown (no run): tiled on its own grid, at
@@ -281,6 +400,4 @@ class RegionalCalls:
         if run is not None and run.once(f"area{H}x{W}"):
             log.info("%s area-conditioned call on %dx%d latent px: %s, at full strength", P, W, H,
                      plan.describe())
-        evaluated = tuple(range(len(plan.windows)))
-        return self._evaluate(model, x, t, c, cou, n_chunks, plan, plan.windows, evaluated,
-                              plan.normalized(evaluated), run)
+        return self._evaluate(model, x, t, c, cou, n_chunks, plan, plan.evaluation(plan.all), run)

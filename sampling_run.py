@@ -42,8 +42,18 @@ class RunState:
     masks: dict = field(default_factory=dict)    # cond uuid -> summed-area table of its mask's support (regional.py)
     prompts: dict = field(default_factory=dict)  # cond uuid -> tile prompts encoded (tile_conditioning.py)
     stats: dict = field(default_factory=lambda: {"calls": 0, "tiles": 0, "full": 0, "skip_saved": 0,
-                                                 "schedule_saved": 0, "mask_saved": 0, "mask_apart": 0})
+                                                 "schedule_saved": 0, "mask_saved": 0, "mask_apart": 0,
+                                                 "batches": 0, "rows": 0, "max_rows": 0})
+    shapes: set = field(default_factory=set)     # distinct input shapes the model was called with
     logged: set = field(default_factory=set)
+
+    def count_call(self, x: torch.Tensor):
+        """One call of the model itself (a tile batch): its rows and input shape."""
+        st = self.stats
+        st["batches"] += 1
+        st["rows"] += int(x.shape[0])
+        st["max_rows"] = max(st["max_rows"], int(x.shape[0]))
+        self.shapes.add(tuple(x.shape))
 
     @property
     def n(self) -> int:
@@ -68,6 +78,14 @@ def check_latent(base, shape) -> None:
     if isinstance(expected, int) and len(shape) == 2 + getattr(fmt, "latent_dimensions", 2) and shape[1] != expected:
         raise ValueError(f"latent: {shape[1]} channels but the model expects {expected}: encode the image with "
                          f"this model's VAE (or use an Empty Latent Image made for this model)")
+
+
+def run_calls(run: RunState) -> str:
+    """What the model itself was asked for in a run: calls, rows per call, distinct input shapes."""
+    s = run.stats
+    n = s["batches"]
+    return (f"the model: {n} calls, {s['rows'] / max(1, n):.1f} rows per call (at most {s['max_rows']}), "
+            f"{len(run.shapes)} distinct input shapes")
 
 
 class SamplingRun:
@@ -104,6 +122,7 @@ class SamplingRun:
         Everything else ComfyUI passes (``model_options=``, and since 0.6 ``force_full_load=``,
         ``force_offload=``, ...) is passed on unchanged.
         """
+        import comfy.model_management as mm
         check_latent(model.model, noise_shape)
         mf.check_tileable(model.model)
         try:
@@ -115,7 +134,7 @@ class SamplingRun:
             h, w, n = self._largest_tile(H, W, c, a, margin, mf.min_tile(base))
             k = min(self.cfg.tile_batch_size or 1, n)
             noise_shape = [noise_shape[0] * k, *noise_shape[1:-2], h, w]
-        except ValueError:
+        except (ValueError, mm.InterruptProcessingException):
             raise
         except Exception as e:  # never block sampling on an estimate
             log.warning("%s memory estimate fell back to the canvas shape: %s", P, e)
@@ -128,11 +147,13 @@ class SamplingRun:
         key = (H, W, compression, align, margin, min_tile)
         hit = self._largest.get(key)
         if hit is None:
-            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i, min_tile=min_tile)
+            import comfy.model_management as mm
+            plans = [plan_for(self.cfg, H, W, compression, align, "cpu", torch.float32, item=i, min_tile=min_tile,
+                              check=mm.throw_exception_if_processing_interrupted)
                      for i in range(len(self.cfg.layouts))]
             sizes = [plan.max_window(margin) for plan in plans]
             hit = (max(h for h, _ in sizes), max(w for _, w in sizes),
-                   max(plan.partition.max_tiles() if plan.spot else len(plan.windows) for plan in plans))
+                   max(plan.partition.max_tiles() if plan.spot else len(plan.set) for plan in plans))
             if len(self._largest) >= 8:
                 self._largest.clear()
             self._largest[key] = hit
@@ -168,10 +189,10 @@ class SamplingRun:
                         "per-step settings (variable denoise, SpotDiffusion shifts) stayed at the first step; "
                         "use a KSampler / SamplerCustom sampler", PV)
         log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
-                 "skip (of %d for all tiles at every call)%s", P, s["calls"], s["tiles"],
+                 "skip (of %d for all tiles at every call)%s; %s", P, s["calls"], s["tiles"],
                  s["schedule_saved"], s["skip_saved"], s["full"],
                  f"; mask prompts: {s['mask_apart']} window evaluations in calls of their own, {s['mask_saved']} "
-                 f"saved where their mask is 0" if s["mask_saved"] else "")
+                 f"saved where their mask is 0" if s["mask_saved"] else "", run_calls(run))
 
     def _log_plan(self, plan: Plan, run: RunState, item: int = 0):
         cfg = self.cfg
@@ -184,9 +205,9 @@ class SamplingRun:
                  f"{cfg.tile_overlap}px" if cfg.enable_overlap and not plan.spot else "off")
         for note in plan.notes:
             log.info("%s %s", P, note)
-        if len(plan.windows) > MANY_TILES:
+        if len(plan.set) > MANY_TILES:
             log.warning("%s %d tiles: sampling will be slow; raise min_tile_size / tile size", P,
-                        len(plan.windows))
+                        len(plan.set))
         if cfg.skip_below > 0:
-            ns = sum(1 for w in plan.windows if w.skipped)
-            log.info("%s Will skip %d/%d tiles (min dimension < %dpx)", PS, ns, len(plan.windows), cfg.skip_below)
+            log.info("%s Will skip %d/%d tiles (min dimension < %dpx)", PS, plan.n_skipped, len(plan.set),
+                     cfg.skip_below)

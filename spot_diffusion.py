@@ -124,23 +124,37 @@ def expand(a0: int, a1: int, margin: int, length: int) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- the canvas
 
+def fit(a0: torch.Tensor, a1: torch.Tensor, size: torch.Tensor, length: int, align: int) -> torch.Tensor:
+    """Start of a window of ``size`` around [a0, a1) inside [0, length): the core centred (the
+    offset rounded down to ``align``), then moved the least to lie inside the axis."""
+    start = a0 - torch.div(torch.div(size - (a1 - a0), 2, rounding_mode="floor"), align,
+                           rounding_mode="floor") * align
+    return torch.minimum(torch.clamp(start, min=0), length - size)
+
+
 class SpotPartition:
     """The per-step partitions of one canvas: a grid of ``tile`` = (th, tw) or a layout's ``cores``.
 
-    ``periods`` = the offset range per axis (0: that axis never moves).  Partitions are cached
-    per (offset y, offset x, margin): a run has at most one per step.
+    ``periods`` = the offset range per axis (0: that axis never moves).  A step's cores come from
+    :meth:`cores`; each is evaluated in a window of a size fixed for the run (:meth:`windows`):
+    along each axis its base side b (the grid's tile, the layout tile's own side) when the core
+    is no longer, else the longest core of that base over every offset.  So a run's windows take at
+    most two sizes per base side and axis (a grid: at most four shapes), whatever the offsets;
+    an edge piece shorter than b is evaluated with the context around it, only its core written.
     """
 
     def __init__(self, H: int, W: int, align: int = 1, tile=None, cores=None):
         self.H, self.W, self.align = H, W, max(1, align)
         self.tile = tile
-        self.base_cores = tuple(cores) if cores is not None else None
+        self.base_cores = tuple(tuple(c) for c in cores) if cores is not None else None
         if tile is not None:
             self.periods = tuple(0 if t >= L else t for t, L in zip(tile, (H, W)))
         else:
             self.periods = tuple(0 if min_side(self.base_cores, a) >= L else min_side(self.base_cores, a)
                                  for a, L in ((0, H), (1, W)))
+            self._base = torch.tensor(self.base_cores, dtype=torch.int64).reshape(-1, 4)
         self._cache: dict = {}
+        self._long = tuple(self._longest(axis) for axis in (0, 1))
 
     def rest(self) -> tuple[int, int]:
         """The offsets of the unshifted partition (shift 0)."""
@@ -148,32 +162,78 @@ class SpotPartition:
             return (0, 0)
         return tuple((p // 2) // self.align * self.align for p in self.periods)
 
-    def cores(self, oy: int, ox: int) -> tuple:
-        """The partition at offsets (oy, ox): cores (y0, y1, x0, x1), row-major for a grid."""
-        if self.tile is not None:
-            ys = segments(grid_cuts(self.H, self.tile[0], oy), self.H)
-            xs = segments(grid_cuts(self.W, self.tile[1], ox), self.W)
-            return tuple((y0, y1, x0, x1) for y0, y1 in ys for x0, x1 in xs)
-        dy = layout_shift(oy, self.periods[0], self.align) if self.periods[0] else 0
-        dx = layout_shift(ox, self.periods[1], self.align) if self.periods[1] else 0
-        H, W = self.H, self.W
-        return tuple((move_edge(y0, dy, H), move_edge(y1, dy, H), move_edge(x0, dx, W), move_edge(x1, dx, W))
-                     for y0, y1, x0, x1 in self.base_cores)
-
-    def windows(self, oy: int, ox: int, margin: int = 0) -> tuple:
-        """((y0, y1, x0, x1) evaluated window, core) per tile: the core grown by ``margin``."""
-        key = (oy, ox, margin)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = tuple((expand(c[0], c[1], margin, self.H) + expand(c[2], c[3], margin, self.W), c)
-                        for c in self.cores(oy, ox))
-            if len(self._cache) < 256:
-                self._cache[key] = hit
-        return hit
-
     def offset_range(self, axis: int) -> range:
         p = self.periods[axis]
         return range(0, p, self.align) if p else range(0, 1)
+
+    # ---- one axis of a step
+    def _axis(self, axis: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a0, a1) of every core along ``axis`` at ``offset``: a grid's segments, or each layout
+        core's side with its internal edges moved."""
+        L = (self.H, self.W)[axis]
+        if self.tile is not None:
+            pts = torch.tensor([0, *grid_cuts(L, self.tile[axis], offset), L], dtype=torch.int64)
+            return pts[:-1], pts[1:]
+        d = layout_shift(offset, self.periods[axis], self.align) if self.periods[axis] else 0
+        e = self._base[:, 2 * axis:2 * axis + 2]
+        moved = torch.where((e > 0) & (e < L), e + d, e)
+        return moved[:, 0], moved[:, 1]
+
+    def _longest(self, axis: int):
+        """Along ``axis``, (base side, longest side over every offset) per core: a grid's tile (the
+        axis if shorter) and its longest segment, as ints; a layout's per-tile tensors [n] (a tile on
+        the axis's start edge grows by the largest shift d, one on its end edge by the largest -d)."""
+        L = (self.H, self.W)[axis]
+        if self.tile is not None:
+            t = min(self.tile[axis], L)
+            return t, max(max(b - a for a, b in segments(grid_cuts(L, t, o), L)) for o in self.offset_range(axis))
+        e = self._base[:, 2 * axis:2 * axis + 2]
+        base = e[:, 1] - e[:, 0]
+        if not self.periods[axis]:
+            return base, base
+        offs = self.offset_range(axis)
+        d_lo = layout_shift(offs[0], self.periods[axis], self.align)
+        d_hi = layout_shift(offs[-1], self.periods[axis], self.align)
+        start, end = e[:, 0] == 0, e[:, 1] == L
+        longest = torch.where(start & ~end, base + d_hi, torch.where(end & ~start, base - d_lo, base))
+        return base, longest
+
+    def _sides(self, axis: int, a0, a1, margin: int, exact: bool = False) -> torch.Tensor:
+        """Window side of each core: its base b if the core fits, else the longest core of its base
+        (``exact``: the core's own side); plus 2 ``margin``, at most the axis."""
+        L = (self.H, self.W)[axis]
+        base, longest = self._long[axis]
+        side = (a1 - a0) if exact else torch.where(a1 - a0 <= base, torch.as_tensor(base), torch.as_tensor(longest))
+        return torch.clamp(side + 2 * margin, max=L)
+
+    # ---- the canvas
+    def cores(self, oy: int, ox: int) -> torch.Tensor:
+        """The partition at offsets (oy, ox): cores [n, 4] (y0, y1, x0, x1), row-major for a grid."""
+        return self.windows(oy, ox, 0, exact=True)[1]
+
+    def windows(self, oy: int, ox: int, margin: int = 0, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(evaluated windows [n, 4], cores [n, 4]) at offsets (oy, ox): each core in its window
+        (:meth:`_sides`; ``exact``: the core itself, grown by ``margin``), centred and moved inside
+        the canvas."""
+        key = (oy, ox, margin, exact)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        (y0, y1), (x0, x1) = self._axis(0, oy), self._axis(1, ox)
+        hy, wx = self._sides(0, y0, y1, margin, exact), self._sides(1, x0, x1, margin, exact)
+        sy, sx = fit(y0, y1, hy, self.H, self.align), fit(x0, x1, wx, self.W, self.align)
+        if self.tile is not None:        # every y segment with every x segment, row-major
+            ny, nx = y0.numel(), x0.numel()
+            rep = lambda v: v.repeat_interleave(nx)          # noqa: E731
+            til = lambda v: v.repeat(ny)                       # noqa: E731
+            y0, y1, sy, hy = rep(y0), rep(y1), rep(sy), rep(hy)
+            x0, x1, sx, wx = til(x0), til(x1), til(sx), til(wx)
+        cores = torch.stack((y0, y1, x0, x1), dim=1)
+        boxes = torch.stack((sy, sy + hy, sx, sx + wx), dim=1)
+        hit = (boxes, cores)
+        if len(self._cache) < 256:
+            self._cache[key] = hit
+        return hit
 
     def max_tiles(self) -> int:
         """The most tiles a step's partition has."""
@@ -184,16 +244,30 @@ class SpotPartition:
 
     def max_window(self, margin: int = 0) -> tuple[int, int]:
         """The largest window height and width over every offset (for memory planning)."""
-        if self.tile is not None:
-            sides = []
-            for axis, L in ((0, self.H), (1, self.W)):
-                t = self.tile[axis]
-                longest = max(b - a for o in self.offset_range(axis) for a, b in segments(grid_cuts(L, t, o), L))
-                sides.append(min(L, longest + 2 * margin))
-            return sides[0], sides[1]
-        ext = [(r[0], r[-1]) for r in (self.offset_range(0), self.offset_range(1))]
-        wins = [w for oy in ext[0] for ox in ext[1] for w, _ in self.windows(oy, ox, margin)]
-        return max(w[1] - w[0] for w in wins), max(w[3] - w[2] for w in wins)
+        return tuple(min(L, int(torch.as_tensor(self._long[axis][1]).max()) + 2 * margin)
+                     for axis, L in ((0, self.H), (1, self.W)))
+
+    def window_sizes(self, margin: int = 0) -> tuple[set, set]:
+        """Every window height and every window width a run can evaluate (its shapes are among their
+        combinations; a grid has at most two of each)."""
+        out = []
+        for axis, L in ((0, self.H), (1, self.W)):
+            base, longest = (torch.as_tensor(v).reshape(-1) for v in self._long[axis])
+            out.append({min(L, s + 2 * margin) for s in torch.cat((base, longest)).tolist()})
+        return out[0], out[1]
+
+
+EDGE_WINDOWS = ("fixed", "exact")
+
+
+def spot_exact(to: dict) -> bool:
+    """The SpotDiffusion parameters' developer key ``edge_windows``: "exact" evaluates every tile in
+    a window of its own size (the fewest pixels; edge tiles change shape every step), "fixed" (the
+    default) in windows of the run's fixed sizes (:class:`SpotPartition`)."""
+    mode = ((to or {}).get(SPOT_KEY) or {}).get("edge_windows", "fixed")
+    if mode not in EDGE_WINDOWS:
+        raise ValueError(f"SpotDiffusion edge_windows '{mode}' is not one of {', '.join(EDGE_WINDOWS)}")
+    return mode == "exact"
 
 
 def spot_margin(to: dict, compression: int, align: int) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import model_families as mf
+from .tile_windows import positions
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,25 @@ def crop_scaled(v: torch.Tensor, win, scale) -> torch.Tensor:
     return v[..., y0:y1, x0:x1]
 
 
+def crop_batch(v: torch.Tensor, wins, scale) -> torch.Tensor:
+    """The crops of ``v`` [n_chunks, B, ..., H', W'] under each window (at ``scale``), stacked on
+    dim 1: [n_chunks, k, B, ..., h, w].  Windows with box tensors (a tile batch) are cut in one
+    indexed read; any other sequence of windows one by one."""
+    boxes = getattr(wins, "boxes", None)
+    if boxes is not None:
+        sh, sw = scale
+        b = torch.round(boxes.to(torch.float64) * torch.tensor([sh, sh, sw, sw], dtype=torch.float64)).long()
+        hs, ws = b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
+        if bool((hs == hs[0]).all()) and bool((ws == ws[0]).all()) and int(b[:, 1].max()) <= v.shape[-2] \
+                and int(b[:, 3].max()) <= v.shape[-1] and int(b.min()) >= 0:
+            h, w = int(hs[0]), int(ws[0])
+            Hs, Ws = v.shape[-2], v.shape[-1]
+            pos = positions(b[:, [0, 2]], h, w, Ws, v.device).reshape(-1)
+            g = v.reshape(-1, Hs * Ws).index_select(1, pos).reshape(*v.shape[:-2], len(wins), h, w)
+            return g.movedim(-3, 1)
+    return torch.stack([crop_scaled(v, w, scale) for w in wins], dim=1)
+
+
 def map_tensors(v, fn):
     """Apply ``fn`` to every tensor in a (nested) dict / list / tuple of model kwargs; a deferred
     control marker (it has ``tile_control``) goes to ``fn`` too; everything else is kept as is."""
@@ -78,7 +98,7 @@ def tile_value(v, wins, n_chunks: int, N: int, H: int, W: int, spatial: bool = T
             scale = spatial_scale(v.shape, H, W)
             if scale is not None:
                 vv = v.reshape(n_chunks, N // n_chunks, *v.shape[1:])
-                crops = torch.stack([crop_scaled(vv, w, scale) for w in wins], dim=1)
+                crops = crop_batch(vv, wins, scale)
                 return crops.reshape(-1, *crops.shape[3:])
         if cache is None:
             return chunk_repeat(v, n_chunks, k)

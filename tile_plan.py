@@ -15,7 +15,9 @@ import torch
 
 from . import quadtree as qt
 from . import spot_diffusion as sd
-from .utils import counts_in, group_by_size, summed_area
+from .tile_blend import Evaluation, scatter_add_
+from .tile_windows import Window, WindowSet, counts_in, paint, positions, size_groups  # noqa: F401  (Window: re-exported)
+from .utils import summed_area
 
 MOD_STD = 0.1          # Mixture of Diffusers: per-axis std as a fraction of the window side (var = 0.01)
 ASPECT_TOLERANCE = 0.03
@@ -48,34 +50,26 @@ class TileConfig:
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
-@dataclass(frozen=True)
-class Window:
-    """A tile as the engine uses it (latent units): its evaluation window and its core."""
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    core: tuple          # (y0, y1, x0, x1)
-    denoise: float = 1.0
-    skipped: bool = False
-    level: int = 0
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.y1 - self.y0, self.x1 - self.x0)
-
-
 # --------------------------------------------------------------------------- geometry
 
 expand = sd.expand
 
 
-def grow(a0: int, a1: int, size: int, length: int, align: int = 1) -> tuple[int, int]:
-    """[a0, a1) widened about its centre to at least ``size`` (on the ``align`` grid), inside [0, length)."""
-    if a1 - a0 >= size:
-        return a0, a1
-    m = -(-(size - (a1 - a0)) // 2)
-    return expand(a0, a1, -(-m // align) * align, length)
+def expand_v(a0: torch.Tensor, a1: torch.Tensor, margin, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expand` over tensors: [a0 - m, a1 + m] moved inside [0, length) with its size kept."""
+    size = torch.clamp(a1 - a0 + 2 * margin, max=length)
+    start = torch.minimum(torch.clamp(a0 - margin, min=0), length - size)
+    return start, start + size
+
+
+def grow_v(a0: torch.Tensor, a1: torch.Tensor, size: int, length: int, align: int = 1):
+    """[a0, a1) widened about its centre to at least ``size`` (on the ``align`` grid), inside
+    [0, length); sides already that long are kept (tensors of many sides at once)."""
+    m = torch.div(torch.clamp(size - (a1 - a0), min=0) + 1, 2, rounding_mode="floor")
+    m = torch.div(m + align - 1, align, rounding_mode="floor") * align
+    e0, e1 = expand_v(a0, a1, m, length)
+    keep = (a1 - a0) >= size
+    return torch.where(keep, a0, e0), torch.where(keep, a1, e1)
 
 
 def gaussian_1d(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -122,40 +116,62 @@ def aligned_grid_starts(length: int, tile: int, overlap: int, align: int) -> lis
 
 # --------------------------------------------------------------------------- plan
 
+def no_check():
+    """The default cancel check of a plan: never cancels."""
+
+
 class Plan:
     """Everything about a (config, canvas, device, dtype) that does not change between steps.
 
-    Windows, their weights, the per-level weight maps of variable denoise and the
-    normalised weights of each set of evaluated tiles are built once and reused.  For
-    SpotDiffusion ``windows`` is the unshifted partition (it defines the tiles' denoise levels
-    and skip); each step evaluates ``partition``'s shifted windows (:meth:`spot_windows`).
+    The windows are a :class:`~.tile_windows.WindowSet` (tensors); their weights are one tensor
+    per distinct window size (a quadtree has a handful, a grid one); the normalised weights of each
+    evaluated set (:class:`~.tile_blend.Evaluation`) and the per-level weight maps of variable
+    denoise are built with one scatter per window size.  Nothing loops over windows in Python.
+    For SpotDiffusion ``windows`` is the unshifted partition (it defines the tiles' denoise levels
+    and skip); each step evaluates ``partition``'s shifted windows (:meth:`spot_evaluation`).
+    ``check`` is called between the planning phases (ComfyUI's Cancel raises from it).
     """
 
     def __init__(self, cfg: TileConfig, H: int, W: int, compression: int, align: int,
-                 device, dtype, layout: qt.Layout | None, min_tile: int = 1):
+                 device, dtype, layout: qt.Layout | None, min_tile: int = 1, check=no_check):
         self.cfg, self.H, self.W, self.device, self.dtype = cfg, H, W, device, dtype
         self.compression, self.align, self.min_tile = compression, align, min_tile
         self.spot = cfg.method == "SpotDiffusion"
         self.notes: list[str] = []
         self.partition: sd.SpotPartition | None = None
-        self.windows = self._windows(layout)
-        levels = sorted({(w.denoise, w.skipped) for w in self.windows})
-        self.levels = levels
-        self.windows = [Window(w.y0, w.y1, w.x0, w.x1, w.core, w.denoise, w.skipped,
-                               levels.index((w.denoise, w.skipped))) for w in self.windows]
-        # Weights and their normalisation are computed in float32 (a Gaussian corner weight,
-        # exp(-12.5)^2, underflows in float16) and cast to the latent's dtype once normalised.
-        self.weights = [window_weight("MultiDiffusion" if self.spot else cfg.method, *w.size,
-                                      device=device, dtype=torch.float32) for w in self.windows]
-        self.n_skipped = sum(1 for w in self.windows if w.skipped)
-        self._norm_cache: dict = {}
+        self._eval_cache: dict = {}
         self._maps_cache: dict = {}
         self._active_cache: dict = {}
-        self.level_maps = self._level_maps()
-        self.level_ids = self._level_id_map() if self.spot else None
-        self.periods = self.partition.periods if self.spot else (0, 0)
         self._spot_cache: dict = {}
         self._sat_cache: dict = {}
+        self.area_cache: dict = {}      # (box, evaluated ids) -> Evaluation clipped to it (regional.py)
+        check()
+        self.set = self._window_set(layout)
+        check()
+        # Weights and their normalisation are computed in float32 (a Gaussian corner weight,
+        # exp(-12.5)^2, underflows in float16) and cast to the latent's dtype once normalised.
+        method = "MultiDiffusion" if self.spot else cfg.method
+        self.raw = {size: window_weight(method, *size, device=device, dtype=torch.float32)
+                    for size, _ in size_groups(self.set.sizes, torch.arange(len(self.set)))}
+        self.n_skipped = int(self.set.skipped.sum())
+        self.all = torch.arange(len(self.set))
+        self.periods = self.partition.periods if self.spot else (0, 0)
+        self._level_maps_t: torch.Tensor | None = None
+        self._level_ids_t: torch.Tensor | None = None
+
+    @property
+    def level_maps(self) -> torch.Tensor:
+        """W_l [L, H, W] (built on first use: variable denoise and skip need it)."""
+        if self._level_maps_t is None:
+            self._level_maps_t = self._level_maps()
+        return self._level_maps_t
+
+    @property
+    def level_ids(self) -> torch.Tensor | None:
+        """SpotDiffusion: each pixel's level in the unshifted partition, [H, W] int32 (else None)."""
+        if self.spot and self._level_ids_t is None:
+            self._level_ids_t = self._level_id_map()
+        return self._level_ids_t
 
     # ---- construction
     def _grid_tile_and_overlap(self, layout):
@@ -177,24 +193,34 @@ class Plan:
             return sh, sw, overlap, None
         return None, None, overlap, layout
 
+    def _skipped(self, cores: torch.Tensor) -> torch.Tensor:
+        """skip_diffusion_below: a tile whose core's smaller side (in pixels) is under it."""
+        skip = self.cfg.skip_below
+        side = torch.minimum(cores[:, 1] - cores[:, 0], cores[:, 3] - cores[:, 2])
+        return (side * self.compression < skip) if skip else torch.zeros_like(side, dtype=torch.bool)
+
+    def _window_set(self, layout) -> WindowSet:
+        boxes, cores, denoise = self._windows(layout)
+        skipped = self._skipped(cores)
+        keys = torch.stack((denoise, skipped.to(torch.float64)), dim=1)
+        uniq, levels = torch.unique(keys, dim=0, return_inverse=True)
+        self.levels = [(float(d), bool(sk)) for d, sk in uniq.tolist()]
+        return WindowSet(boxes, cores, levels.reshape(-1), denoise, skipped)
+
     def _windows(self, layout):
+        """(boxes, cores, denoise) of every tile: [n, 4], [n, 4] int64 and [n] float64."""
         cfg, H, W, c, a = self.cfg, self.H, self.W, self.compression, self.align
         th, tw, overlap, layout = self._grid_tile_and_overlap(layout)
-        skip = cfg.skip_below
-        out = []
         if layout is None and not self.spot:
             limit = min(th, tw) // 2
             if overlap > limit:
                 self.notes.append(f"tile_overlap {cfg.tile_overlap}px clamped to {limit * c}px (half a tile)")
                 overlap = limit
-            ys = aligned_grid_starts(H, th, overlap, a)
-            xs = aligned_grid_starts(W, tw, overlap, a)
-            for y in ys:
-                for x in xs:
-                    h, w = min(th, H), min(tw, W)
-                    sk = bool(skip) and min(h, w) * c < skip
-                    out.append(Window(y, y + h, x, x + w, (y, y + h, x, x + w), 1.0, sk))
-            return out
+            ys = torch.tensor(aligned_grid_starts(H, th, overlap, a), dtype=torch.int64)
+            xs = torch.tensor(aligned_grid_starts(W, tw, overlap, a), dtype=torch.int64)
+            y0, x0 = ys.repeat_interleave(xs.numel()), xs.repeat(ys.numel())
+            boxes = torch.stack((y0, y0 + min(th, H), x0, x0 + min(tw, W)), dim=1)
+            return boxes, boxes, torch.ones(boxes.shape[0], dtype=torch.float64)
         if self.spot:        # the unshifted partition; each step shifts it (spot_diffusion.py)
             if layout is None:
                 self.partition = sd.SpotPartition(H, W, a, tile=(th, tw))
@@ -202,79 +228,87 @@ class Plan:
                 self.partition = sd.SpotPartition(H, W, a, cores=[(t.y, t.y + t.h, t.x, t.x + t.w)
                                                                   for t in layout.tiles])
             cores = self.partition.cores(*self.partition.rest())
-            small = [cc for cc in cores if min(cc[1] - cc[0], cc[3] - cc[2]) < self.min_tile]
+            side = torch.minimum(cores[:, 1] - cores[:, 0], cores[:, 3] - cores[:, 2])
+            small = int((side < self.min_tile).sum())
             if small:
-                raise ValueError(f"quadtree: {len(small)} tiles are smaller than the {self.min_tile * c}px this model "
+                raise ValueError(f"quadtree: {small} tiles are smaller than the {self.min_tile * c}px this model "
                                  f"takes and SpotDiffusion tiles cannot overlap: raise min_tile_size (or the tile "
                                  f"size) to {self.min_tile * c}px or use Mixture of Diffusers / MultiDiffusion")
-            dn = [1.0] * len(cores) if layout is None else [float(t.denoise) for t in layout.tiles]
-            for (y0, y1, x0, x1), d in zip(cores, dn):
-                sk = bool(skip) and min(y1 - y0, x1 - x0) * c < skip
-                out.append(Window(y0, y1, x0, x1, (y0, y1, x0, x1), d, sk))
-            return out
-        cores = layout.tiles
+            dn = torch.ones(cores.shape[0], dtype=torch.float64) if layout is None else \
+                torch.tensor([float(t.denoise) for t in layout.tiles], dtype=torch.float64)
+            return cores, cores, dn
+        cores = torch.tensor([(t.y, t.y + t.h, t.x, t.x + t.w) for t in layout.tiles], dtype=torch.int64)
+        dn = torch.tensor([float(t.denoise) for t in layout.tiles], dtype=torch.float64)
+        side = torch.minimum(cores[:, 1] - cores[:, 0], cores[:, 3] - cores[:, 2])
         margin = 0
         if overlap > 0:
-            limit = min(min(t.w, t.h) for t in cores)
+            limit = int(side.min())
             if overlap > limit:
                 self.notes.append(f"tile_overlap {cfg.tile_overlap}px clamped to {limit * c}px "
                                   f"(the smallest tile side)")
                 overlap = limit
             margin = -(-overlap // 2)
             margin = -(-margin // a) * a
-        small = [t for t in cores if min(t.w, t.h) + 2 * margin < self.min_tile]
+        small = int((side + 2 * margin < self.min_tile).sum())
         if small:
-            self.notes.append(f"{len(small)} quadtree tiles evaluated in windows enlarged to {self.min_tile * c}px "
+            self.notes.append(f"{small} quadtree tiles evaluated in windows enlarged to {self.min_tile * c}px "
                               f"(this model takes no tile under that)")
-        for t in cores:
-            y0, y1 = grow(*expand(t.y, t.y + t.h, margin, H), self.min_tile, H, a)
-            x0, x1 = grow(*expand(t.x, t.x + t.w, margin, W), self.min_tile, W, a)
-            sk = bool(skip) and t.min_side * c < skip
-            out.append(Window(y0, y1, x0, x1, (t.y, t.y + t.h, t.x, t.x + t.w), float(t.denoise), sk))
-        return out
+        y0, y1 = grow_v(*expand_v(cores[:, 0], cores[:, 1], margin, H), self.min_tile, H, a)
+        x0, x1 = grow_v(*expand_v(cores[:, 2], cores[:, 3], margin, W), self.min_tile, W, a)
+        return torch.stack((y0, y1, x0, x1), dim=1), cores, dn
 
     def _level_maps(self) -> torch.Tensor:
         """W_l[p] = sum over tiles t of level l of their normalised weight at p: [L, H, W]."""
-        maps = torch.zeros(len(self.levels), self.H, self.W, device=self.device, dtype=self.dtype)
+        L, H, W = len(self.levels), self.H, self.W
+        ws = self.set
         if self.spot:
-            for w in self.windows:
-                y0, y1, x0, x1 = w.core
-                maps[w.level, y0:y1, x0:x1] = 1.0
-            return maps
-        norm = self.normalized(tuple(range(len(self.windows))))
-        for i, w in enumerate(self.windows):
-            maps[w.level, w.y0:w.y1, w.x0:w.x1] += norm[i]
-        return maps
+            maps = paint(ws.cores, torch.ones(len(ws)), H, W, ws.levels, L)
+            return maps.to(device=self.device, dtype=self.dtype)
+        maps = torch.zeros(L * H * W, device=self.device, dtype=self.dtype)
+        ev = self.evaluation(self.all)
+        for g in ev.groups:
+            h, w = g.size
+            lvl = ws.levels[g.ids].to(self.device)[:, None, None]
+            pos = positions(g.starts, h, w, W, self.device) + lvl * (H * W)
+            scatter_add_(maps, pos.reshape(-1), g.weights.reshape(-1))
+        return maps.reshape(L, H, W)
 
-    def _level_id_map(self):
-        ids = torch.full((self.H, self.W), -1, dtype=torch.int32)
-        for w in self.windows:
-            y0, y1, x0, x1 = w.core
-            ids[y0:y1, x0:x1] = w.level
-        return ids
+    def _level_id_map(self) -> torch.Tensor:
+        ws = self.set
+        return (paint(ws.cores, ws.levels + 1, self.H, self.W)[0] - 1).to(torch.int32)
 
     # ---- per step, cached
+    @property
+    def windows(self) -> list:
+        """The windows as :class:`Window` objects (made on first use; the engine uses ``set``)."""
+        return self.set.as_list()
+
+    @property
+    def weights(self) -> list:
+        """Each window's raw weight [h, w] (float32): one tensor per window size, shared."""
+        return [self.raw[tuple(s)] for s in self.set.sizes.tolist()]
+
     @property
     def frame(self) -> tuple:
         """(oy, ox, H, W): the windows' coordinates start at the canvas origin (an area plan's do not)."""
         return (0, 0, self.H, self.W)
 
-    def normalized(self, evaluated: tuple) -> dict:
-        """{window index: w_t / sum_{s in E} w_s over its window} for the evaluated set E."""
-        hit = self._norm_cache.get(evaluated)
-        if hit is not None:
-            return hit
-        denom = torch.zeros(self.H, self.W, device=self.device, dtype=torch.float32)
-        for i in evaluated:
-            w = self.windows[i]
-            denom[w.y0:w.y1, w.x0:w.x1] += self.weights[i]
-        out = {}
-        for i in evaluated:
-            w = self.windows[i]
-            out[i] = (self.weights[i] / denom[w.y0:w.y1, w.x0:w.x1]).to(self.dtype)
-        if len(self._norm_cache) < 64:
-            self._norm_cache[evaluated] = out
-        return out
+    def evaluation(self, ids: torch.Tensor) -> Evaluation:
+        """The windows ``ids`` blended with weights normalised over them (cached per set)."""
+        key = ids.numpy().tobytes()
+        hit = self._eval_cache.get(key)
+        if hit is None:
+            hit = Evaluation(self.set, ids, self.H, self.W, self.device, self.dtype, self.raw)
+            if len(self._eval_cache) >= 64:
+                self._eval_cache.pop(next(iter(self._eval_cache)))
+            self._eval_cache[key] = hit
+        return hit
+
+    def normalized(self, evaluated) -> dict:
+        """{window index: w_t / sum_{s in E} w_s over its window} for the evaluated set E (for
+        inspection; the engine uses :meth:`evaluation`)."""
+        ev = self.evaluation(torch.as_tensor(list(evaluated), dtype=torch.int64))
+        return {i: wt for g in ev.groups for i, wt in zip(g.ids.tolist(), g.weights.unbind(0))}
 
     def activity_maps(self, coeffs) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, beta) = (sum_l a_l W_l, sum_l b_l W_l) for per-level coefficients (a_l, b_l).
@@ -297,70 +331,83 @@ class Plan:
             self._maps_cache[key] = (A, beta)
         return A, beta
 
-    def windows_of(self, active_levels: set) -> tuple:
-        """Indices of the windows whose level is active (cached per set of active levels)."""
+    def windows_of(self, active_levels: set) -> torch.Tensor:
+        """Ids of the windows whose level is active (cached per set of active levels)."""
         key = frozenset(active_levels)
         hit = self._active_cache.get(key)
         if hit is None:
-            hit = self._active_cache[key] = tuple(i for i, w in enumerate(self.windows) if w.level in key)
+            on = torch.zeros(len(self.levels), dtype=torch.bool)
+            on[list(key)] = True
+            hit = self._active_cache[key] = self.all if bool(on.all()) else torch.nonzero(on[self.set.levels]).reshape(-1)
         return hit
-
-    def groups(self, evaluated, windows=None) -> list[list[int]]:
-        """Evaluated window indices grouped by window size (batchable together)."""
-        return group_by_size(evaluated, self.windows if windows is None else windows)
 
     # ---- SpotDiffusion (host-side, cached per step setting)
-    def spot_windows(self, oy: int, ox: int, margin: int = 0) -> tuple:
-        """The partition shifted to offsets (oy, ox) as Windows: each core, evaluated grown by ``margin``."""
-        key = (oy, ox, margin)
+    def spot_set(self, oy: int, ox: int, margin: int = 0, exact: bool = False) -> WindowSet:
+        """The partition shifted to offsets (oy, ox): each core in its window of the run's sizes
+        (``exact``: of its own size), grown by ``margin``."""
+        key = (oy, ox, margin, exact)
         hit = self._spot_cache.get(key)
         if hit is None:
-            hit = tuple(Window(*win, core) for win, core in self.partition.windows(oy, ox, margin))
-            if len(self._spot_cache) < 256:
-                self._spot_cache[key] = hit
+            hit = WindowSet(*self.partition.windows(oy, ox, margin, exact))
+            if len(self._spot_cache) >= 8:
+                self._spot_cache.pop(next(iter(self._spot_cache)))
+            self._spot_cache[key] = hit
         return hit
+
+    def spot_windows(self, oy: int, ox: int, margin: int = 0, exact: bool = False) -> list:
+        """:meth:`spot_set` as Window objects (for inspection)."""
+        return self.spot_set(oy, ox, margin, exact).as_list()
 
     def _sat(self, levels: frozenset) -> torch.Tensor:
         """Summed-area table of the pixels whose level is in ``levels`` (cached per level set)."""
         hit = self._sat_cache.get(levels)
         if hit is None:
-            mask = torch.zeros(self.H, self.W, dtype=torch.bool)
-            for lvl in levels:
-                mask |= self.level_ids == lvl
+            mask = torch.isin(self.level_ids, torch.tensor(sorted(levels), dtype=torch.int32))
             hit = self._sat_cache[levels] = summed_area(mask)
         return hit
 
-    def spot_evaluated(self, active_levels: set, windows: tuple) -> tuple[tuple, int]:
-        """(indices of the windows whose core holds a pixel of an active level, how many of the
-        others hold only skipped pixels)."""
+    def spot_evaluation(self, active_levels: set, oy: int, ox: int, margin: int = 0, exact: bool = False):
+        """(Evaluation of the shifted windows whose core holds a pixel of an active level, how many
+        windows the step has, how many of the others hold only skipped pixels)."""
+        ws = self.spot_set(oy, ox, margin, exact)
+        key = (oy, ox, margin, exact, frozenset(active_levels))
+        hit = self._spot_cache.get(key)
+        if hit is not None:
+            return hit
+        skipped = 0
         if len(active_levels) == len(self.levels):
-            return tuple(range(len(windows))), 0
-        cores = [w.core for w in windows]
-        active = counts_in(self._sat(frozenset(active_levels)), cores)
-        evaluated = tuple(i for i, n in enumerate(active) if n > 0)
-        if not self.n_skipped:
-            return evaluated, 0
-        unskipped = frozenset(lvl for lvl, (_, sk) in enumerate(self.levels) if not sk)
-        live = counts_in(self._sat(unskipped), cores)
-        return evaluated, sum(1 for n in live if n == 0)
+            ids = torch.arange(len(ws))
+        else:
+            on = counts_in(self._sat(frozenset(active_levels)), ws.cores) > 0
+            ids = torch.nonzero(on).reshape(-1)
+            if self.n_skipped:
+                unskipped = frozenset(lvl for lvl, (_, sk) in enumerate(self.levels) if not sk)
+                live = counts_in(self._sat(unskipped), ws.cores) > 0
+                skipped = int((~on & ~live).sum())
+        hit = (Evaluation(ws, ids, self.H, self.W, self.device, self.dtype, None), len(ws), skipped)
+        if len(self._spot_cache) >= 8:
+            self._spot_cache.pop(next(iter(self._spot_cache)))
+        self._spot_cache[key] = hit
+        return hit
 
     def max_window(self, margin: int = 0) -> tuple[int, int]:
         """The largest window (height, width) any step evaluates."""
         if self.spot:
             return self.partition.max_window(margin)
-        return max(w.size[0] for w in self.windows), max(w.size[1] for w in self.windows)
+        sizes = self.set.sizes
+        return int(sizes[:, 0].max()), int(sizes[:, 1].max())
 
     def describe(self) -> str:
-        sizes: dict = {}
-        for w in self.windows:
-            sizes[w.size] = sizes.get(w.size, 0) + 1
-        s = ", ".join(f"{n}x {h * self.compression}x{w * self.compression}px"
-                      for (h, w), n in sorted(sizes.items(), key=lambda kv: -kv[0][0] * kv[0][1]))
-        return f"{len(self.windows)} tiles ({s})"
+        ws = self.set
+        groups = size_groups(ws.sizes, torch.arange(len(ws)))
+        groups.sort(key=lambda g: -g[0][0] * g[0][1])
+        c = self.compression
+        s = ", ".join(f"{ids.numel()}x {h * c}x{w * c}px" for (h, w), ids in groups)
+        return f"{len(ws)} tiles ({s})"
 
 
 def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, device, dtype,
-             check_aspect: bool = True, item: int = 0, min_tile: int = 1) -> Plan:
+             check_aspect: bool = True, item: int = 0, min_tile: int = 1, check=no_check) -> Plan:
     """Build the plan of a canvas (for batch item ``item`` when the config holds one layout per
     item); a layout from an image of another size is scaled to it."""
     layouts = cfg.layouts
@@ -378,7 +425,7 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
             note = (f"quadtree built for a {layout.width}x{layout.height}px image, scaled to the "
                     f"{W * compression}x{H * compression}px latent")
         layout = qt.scale_layout(layout, W, H, align)
-    plan = Plan(cfg, H, W, compression, align, device, dtype, layout, min_tile)
+    plan = Plan(cfg, H, W, compression, align, device, dtype, layout, min_tile, check)
     if note:
         plan.notes.insert(0, note)
     return plan

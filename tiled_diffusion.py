@@ -34,6 +34,8 @@ from .spot_diffusion import spot_margin
 from .tile_control import TileControl
 from .tile_inputs import TileBatch, broadcast_source, item_rows, source_fits, tile_cond, tile_value
 from .tile_patches import tile_transformer_options
+from .tile_blend import Evaluation, blend, gather
+from .tile_windows import batch_of, positions
 from .tile_plan import Plan, TileConfig, plan_for, plan_has_levels
 from .utils import RUN_KEY, P, PV, SPOT_KEY, WRAPPER_KEY, latent_compression, latent_patch_size
 
@@ -133,32 +135,30 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
         active = {lvl for lvl, (a, _) in enumerate(coeffs) if a > 0}
         if plan.spot:       # this step's shifted partition; each core written back as it is
             oy, ox = self._spot_offsets(run, plan, step, n, to, item)
-            windows = plan.spot_windows(oy, ox, spot_margin(to, plan.compression, plan.align))
-            evaluated, skipped = plan.spot_evaluated(active, windows)
-            weights = None
+            ev, n_windows, skipped = plan.spot_evaluation(active, oy, ox, spot_margin(to, plan.compression, plan.align),
+                                                          sd.spot_exact(to))
         else:
-            windows = plan.windows
-            evaluated, skipped = plan.windows_of(active), plan.n_skipped
-            weights = plan.normalized(evaluated) if evaluated else None
+            ev = plan.evaluation(plan.windows_of(active))
+            n_windows, skipped = len(plan.set), plan.n_skipped
         if run is not None:
             st = run.stats
-            st["full"] += len(windows)
-            st["tiles"] += len(evaluated)
+            st["full"] += n_windows
+            st["tiles"] += len(ev)
             st["skip_saved"] += skipped
-            st["schedule_saved"] += len(windows) - skipped - len(evaluated)
-        if not evaluated:
+            st["schedule_saved"] += n_windows - skipped - len(ev)
+        if not len(ev):
             return broadcast_source(src, x, n_chunks)
         masks = regional.chunk_masks(run, to, n_chunks)
         if masks is None:
-            blend = self._evaluate(model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights, run)
+            mixed = self._evaluate(model, x, t, c, cou, n_chunks, plan, ev, run)
         else:
-            blend = self._evaluate_masked(model, x, t, c, cou, n_chunks, plan, windows, evaluated, weights, run, masks)
+            mixed = self._evaluate_masked(model, x, t, c, cou, n_chunks, plan, ev, run, masks)
         if all(a == 1.0 and b == 1.0 for a, b in coeffs):
-            return blend
+            return mixed
         A, beta = plan.activity_maps(coeffs)
         B = x.shape[0] // n_chunks
         xv = x.reshape(n_chunks, B, *x.shape[1:])
-        mv = blend.reshape(n_chunks, B, *x.shape[1:])
+        mv = mixed.reshape(n_chunks, B, *x.shape[1:])
         sv = src.to(x).reshape(1, src.shape[0], *x.shape[1:])
         return vd.combine_x0(sv, xv, mv, A, beta).reshape(x.shape)
 
@@ -187,8 +187,10 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
         with self._lock:
             plan = self._plans.get(key)
             if plan is None:
+                import comfy.model_management as mm
                 plan = plan_for(self.cfg, H, W, latent_compression(base), latent_patch_size(base), x.device,
-                                x.dtype, item=item, min_tile=mf.min_tile(base))
+                                x.dtype, item=item, min_tile=mf.min_tile(base),
+                                check=mm.throw_exception_if_processing_interrupted)
                 if len(self._plans) >= 4:
                     self._plans.pop(next(iter(self._plans)))
                 self._plans[key] = plan
@@ -235,59 +237,52 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls):
             run.batch[key] = k      # per device and window size: a quadtree's sizes differ up to 64x in area
         return k
 
-    def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan: Plan, windows, evaluated, weights, run):
-        """M = sum over evaluated windows of weight_t * x0_t, model calls batched by window size.
+    def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run):
+        """M = sum over the evaluated windows of weight_t * x0_t (SpotDiffusion: each window's x0 on
+        its core, the weights 1 there and 0 on its context), model calls batched by window size.
 
-        ``weights`` None (SpotDiffusion): the windows' cores partition the canvas; M = each
-        window's x0 on its core (the context margin around it is dropped)."""
+        Per tile batch: one indexed read of the k windows (``gather``), the model kwargs cut to them,
+        one model call, one indexed write back (``blend``); ``plan.frame`` places the windows on the
+        canvas (an area plan's start at its box)."""
         import comfy.model_management as mm
         N = x.shape[0]
-        H, W = plan.H, plan.W
+        H, W = ev.H, ev.W
         B = N // n_chunks
-        xv = x.reshape(n_chunks, B, *x.shape[1:])
+        x = x.contiguous()
         out = torch.zeros_like(x)
-        ov = out.reshape(n_chunks, B, *x.shape[1:])
         c = mf.canvas_cond(c, model.base, H, W)
         whole = mf.whole_keys(model.base)
         rep: dict = {}      # repeated (non-spatial) conditioning per tile count, shared by this call's batches
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
-        refs.check_canvas_grid(c, model.base, H, W, [windows[i] for i in evaluated])
+        refs.check_canvas_grid(c, model.base, H, W, batch_of(ev.windows, ev.ids))
         rs = refs.ref_set(model.base, c, H, W, mf.spatial_patch(model.base), self.cfg.reference_mode)
-        for group in plan.groups(evaluated, windows):
-            h, w = windows[group[0]].size
-            k = max(1, self._batch_size(run, model, x, n_chunks, (h, w)))
-            for s in range(0, len(group), k):
-                mm.throw_exception_if_processing_interrupted()
-                idx = group[s:s + k]
-                wins = [windows[i] for i in idx]
-                xt = torch.stack([xv[..., wi.y0:wi.y1, wi.x0:wi.x1] for wi in wins], dim=1)
-                xt = xt.reshape(-1, *xt.shape[3:])
-                tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
-                ct = tile_cond(c, wins, n_chunks, N, H, W, rep, whole)
-                if prompts is not None:
-                    ct = tcond.apply(ct, wins, plan.frame, n_chunks, B, prompts)
-                tb = TileBatch(tuple(wins), H, W, n_chunks)
-                if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
-                    ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
-                                                                         run.hints if run is not None else rep,
-                                                                         xt.device)
-                rpatch = None
-                if rs is not None:      # reference images: each tile meets them where the canvas does
-                    ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, model.base,
-                                                         run.hints if run is not None else rep)
-                deferred = ct.get("control")
-                if hasattr(deferred, "tile_control"):
-                    ct["control"] = deferred.tile_control(xt, tt, ct, tb)
-                pred = model(xt, tt, ct, cou)
-                if rpatch is not None:
-                    rpatch.check(model.base)
-                pv = pred.reshape(n_chunks, len(idx), B, *pred.shape[1:])
-                for j, (i, wi) in enumerate(zip(idx, wins)):
-                    if weights is None:
-                        y0, y1, x0, x1 = wi.core
-                        ov[..., y0:y1, x0:x1] = pv[:, j, ..., y0 - wi.y0:y1 - wi.y0, x0 - wi.x0:x1 - wi.x0]
-                    else:
-                        ov[..., wi.y0:wi.y1, wi.x0:wi.x1].addcmul_(pv[:, j], weights[i])
+        for g, sl in ev.batches(lambda size: self._batch_size(run, model, x, n_chunks, size)):
+            mm.throw_exception_if_processing_interrupted()
+            wins = ev.windows_of(g, sl)
+            pos = positions(g.starts[sl], *g.size, W, x.device)
+            xt = gather(x, n_chunks, g.starts[sl], *g.size, pos)
+            tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
+            ct = tile_cond(c, wins, n_chunks, N, H, W, rep, whole)
+            if prompts is not None:
+                ct = tcond.apply(ct, wins, plan.frame, n_chunks, B, prompts)
+            tb = TileBatch(wins, H, W, n_chunks)
+            if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
+                ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
+                                                                     run.hints if run is not None else rep,
+                                                                     xt.device)
+            rpatch = None
+            if rs is not None:      # reference images: each tile meets them where the canvas does
+                ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, model.base,
+                                                  run.hints if run is not None else rep)
+            deferred = ct.get("control")
+            if hasattr(deferred, "tile_control"):
+                ct["control"] = deferred.tile_control(xt, tt, ct, tb)
+            pred = model(xt, tt, ct, cou)
+            if rpatch is not None:
+                rpatch.check(model.base)
+            if run is not None:
+                run.count_call(xt)
+            blend(out, pred, n_chunks, g.starts[sl], ev.batch_weights(g, sl), g.cores_only, pos)
         return out
 
 

@@ -1,7 +1,7 @@
 """Measure SpotDiffusion's distance to the untiled sampler (numbers for the README's seam table).
 
     .cache/venv/bin/python scripts/measure_spot_seams.py [--schedules both,alternate] [--margins 0,8]
-        [--pack PATH] [--seeds 0-7] [--json out.json]
+        [--edge-windows fixed,exact] [--pack PATH] [--seeds 0-7] [--json out.json]
 
 The case of issue 15: ComfyUI's KSampler with the local fixture model (``fx.local_model(0)``,
 receptive radius 3 latent px), a 64x96 latent (``randn * 2``, seed 3), 256-px grid tiles, 8 euler
@@ -9,10 +9,11 @@ steps at denoise 0.7, CFG 4.  For every shift method and shift seed it prints
 
     mean |tiled - untiled| / std(untiled)
 
-and the latent pixels evaluated per step relative to the canvas.  ``--pack`` measures another
-checkout of the pack (e.g. an export of an older commit); ``--schedules`` and ``--margins`` set the
-SpotDiffusion parameters' developer keys ``schedule`` and ``context_margin`` (pixels); a pack that
-does not know them ignores them.  It measures, it asserts nothing.
+the latent pixels evaluated per step relative to the canvas, and the distinct model input shapes
+per run (mean over the seeds).  ``--pack`` measures another checkout of the pack (e.g. an export
+of an older commit); ``--schedules``, ``--margins`` and ``--edge-windows`` set the SpotDiffusion
+parameters' developer keys ``schedule``, ``context_margin`` (pixels) and ``edge_windows``; a pack
+that does not know them ignores them.  It measures, it asserts nothing.
 """
 import argparse
 import json
@@ -43,6 +44,7 @@ def main():
     ap.add_argument("--pack", default=REPO)
     ap.add_argument("--schedules", default="")
     ap.add_argument("--margins", default="0")
+    ap.add_argument("--edge-windows", default="", help="comma list of edge_windows modes (fixed, exact)")
     ap.add_argument("--seeds", default="0-7")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--height", type=int, default=64, help="latent height")
@@ -71,11 +73,12 @@ def main():
     ref = fx.run_ksampler(model, pos, neg, lat, **run)
     std = float(ref.std())
 
-    pixels = []
+    pixels, shapes = [], set()
 
     def counting(apply_model, args):
         pixels.append(args["input"].shape[0] // len(args["cond_or_uncond"]) * args["input"].shape[-1]
                       * args["input"].shape[-2])
+        shapes.add(tuple(args["input"].shape))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     base = model.clone()
@@ -88,34 +91,42 @@ def main():
 
     schedules = [s for s in a.schedules.split(",") if s] or [None]
     margins = [int(m) for m in a.margins.split(",")]
+    edges = [e for e in a.edge_windows.split(",") if e] or [None]
     seeds = seed_range(a.seeds)
     rows = []
     for schedule in schedules:
         for margin in margins:
-            for method in a.methods.split(","):
-                errs = []
-                t0 = time.perf_counter()
-                pixels.clear()
-                for seed in seeds:
-                    m = tiled.clone()
-                    to = dict(m.model_options.get("transformer_options", {}))
-                    params = {"shift_method": method, "seed": seed}
-                    if schedule is not None:
-                        params["schedule"] = schedule
-                    if margin:
-                        params["context_margin"] = margin
-                    to[spot_key] = params
-                    m.model_options["transformer_options"] = to
-                    out = fx.run_ksampler(m, pos, neg, lat, **run)
-                    errs.append(float((out - ref).abs().mean()) / std)
-                per_step = sum(pixels) / (len(seeds) * run["steps"] * a.height * a.width)
-                row = dict(schedule=schedule or "default", margin=margin, method=method, errors=errs,
-                           mean=sum(errs) / len(errs), max=max(errs), pixels_per_step=per_step,
-                           seconds=time.perf_counter() - t0)
-                rows.append(row)
-                print(f"{row['schedule']:>14} margin {margin:>3}px {method:>9}: mean {row['mean']:.4f} "
-                      f"max {row['max']:.4f} (min {min(errs):.4f}) evaluated px/step {per_step:.2f}x canvas  "
-                      + " ".join(f"{e:.3f}" for e in errs), flush=True)
+            for edge in edges:
+                for method in a.methods.split(","):
+                    errs, n_shapes = [], []
+                    t0 = time.perf_counter()
+                    pixels.clear()
+                    for seed in seeds:
+                        m = tiled.clone()
+                        to = dict(m.model_options.get("transformer_options", {}))
+                        params = {"shift_method": method, "seed": seed}
+                        if schedule is not None:
+                            params["schedule"] = schedule
+                        if margin:
+                            params["context_margin"] = margin
+                        if edge is not None:
+                            params["edge_windows"] = edge
+                        to[spot_key] = params
+                        m.model_options["transformer_options"] = to
+                        shapes.clear()
+                        out = fx.run_ksampler(m, pos, neg, lat, **run)
+                        n_shapes.append(len(shapes))
+                        errs.append(float((out - ref).abs().mean()) / std)
+                    per_step = sum(pixels) / (len(seeds) * run["steps"] * a.height * a.width)
+                    row = dict(schedule=schedule or "default", margin=margin, edge_windows=edge or "default",
+                               method=method, errors=errs, mean=sum(errs) / len(errs), max=max(errs),
+                               pixels_per_step=per_step, shapes_per_run=sum(n_shapes) / len(n_shapes),
+                               seconds=time.perf_counter() - t0)
+                    rows.append(row)
+                    print(f"{row['schedule']:>14} margin {margin:>3}px {row['edge_windows']:>7} {method:>9}: "
+                          f"mean {row['mean']:.4f} max {row['max']:.4f} (min {min(errs):.4f}) evaluated px/step "
+                          f"{per_step:.2f}x canvas, {row['shapes_per_run']:.1f} input shapes per run  "
+                          + " ".join(f"{e:.3f}" for e in errs), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(latent=[a.height, a.width], tile_px=a.tile, run=run, std=std, rows=rows), f, indent=1)

@@ -239,7 +239,8 @@ def test_hint_other_resolution_resized_once_then_cropped(pack, fx, sd15, cnet):
 
 def test_spot_diffusion_crops_are_the_shifted_partition(pack, fx, sd15, cnet):
     """SpotDiffusion shifts its tiles, never the latent: each hint tile is the hint under its window
-    (nothing wraps around the canvas edge), the windows of every step partition the canvas, and
+    (nothing wraps around the canvas edge), the windows of every step cover the canvas in the run's
+    few fixed shapes (each core in a window of the tile's size or the longest edge piece's), and
     the partition moves from step to step."""
     control, rec = cnet
     img = gradient(1)
@@ -265,7 +266,8 @@ def test_spot_diffusion_crops_are_the_shifted_partition(pack, fx, sd15, cnet):
         cover = torch.zeros(H_PX, W_PX, dtype=torch.int32)
         for y, x, hh, ww in rects:
             cover[y:y + hh, x:x + ww] += 1
-        assert bool((cover == 1).all()), sorted(rects)
+        assert bool((cover >= 1).all()), sorted(rects)
+    assert len({(hh, ww) for rects in per_step.values() for _, _, hh, ww in rects}) <= 4
     assert len({frozenset(r) for r in per_step.values()}) > 1, "the partition never moved"
 
 

@@ -147,13 +147,19 @@ def test_plan_properties(tp, qt, H, W, method, overlap, enable, tw, th, skip, al
             assert {(w.core[3] - w.core[2]) for w in plan.windows if w.core[3] < W} <= {etw}
             assert all(2 * (w.core[1] - w.core[0]) >= min(eth, H) and 2 * (w.core[3] - w.core[2]) >= min(etw, W)
                        for w in plan.windows)
+            heights, widths = plan.partition.window_sizes()
+            assert len(heights) <= 2 and len(widths) <= 2         # a run's windows: at most 4 shapes
             for oy in range(0, eth, align):      # every step's shifted partition: on the patch grid, a partition
                 for ox in range(0, etw, align):
                     cover = torch.zeros(H, W, dtype=torch.int32)
                     for w in plan.spot_windows(oy, ox):
-                        assert (w.y0, w.y1, w.x0, w.x1) == w.core
-                        assert w.y0 % align == 0 and w.x0 % align == 0
-                        cover[w.y0:w.y1, w.x0:w.x1] += 1
+                        cy0, cy1, cx0, cx1 = w.core          # each core in a window of the run's sizes
+                        assert 0 <= w.y0 <= cy0 < cy1 <= w.y1 <= H and 0 <= w.x0 <= cx0 < cx1 <= w.x1 <= W
+                        assert w.size[0] in heights and w.size[1] in widths
+                        assert cy0 % align == 0 and cx0 % align == 0
+                        assert w.y0 % align == 0 or w.y1 == H
+                        assert w.x0 % align == 0 or w.x1 == W
+                        cover[cy0:cy1, cx0:cx1] += 1
                     assert bool((cover == 1).all())
         else:                                  # equal windows, the last row/column flush with the edge
             assert {w.size for w in plan.windows} == {(eth, etw)}
