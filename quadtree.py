@@ -223,6 +223,44 @@ def snap(v: int, align: int, end: int) -> int:
     return min(end, int(round(v / align)) * align)
 
 
+_RECTS: dict = {}
+
+
+def tile_rects(layout: Layout) -> torch.Tensor:
+    """The tiles' (x, y, w, h, denoise) as a float64 [n, 5] tensor (cached per layout object)."""
+    hit = _RECTS.get(id(layout))
+    if hit is not None and hit[0] is layout:
+        return hit[1]
+    rects = torch.tensor([(t.x, t.y, t.w, t.h, t.denoise) for t in layout.tiles], dtype=torch.float64).reshape(-1, 5)
+    if len(_RECTS) >= 16:
+        _RECTS.pop(next(iter(_RECTS)))
+    _RECTS[id(layout)] = (layout, rects)
+    return rects
+
+
+def snap_v(v: torch.Tensor, align: int, end: int) -> torch.Tensor:
+    """:func:`snap` over a tensor of edge coordinates."""
+    clamped = v.clamp(0, end)
+    if align <= 1:
+        return clamped
+    snapped = torch.clamp(torch.round(v / align) * align, max=end)
+    return torch.where((v <= 0) | (v >= end), clamped, snapped)
+
+
+def scaled_cores(layout: Layout, width: int, height: int, align: int = 1):
+    """:func:`scale_layout` as tensors: (cores [m, 4] int64 (y0, y1, x0, x1), denoise [m] float64,
+    kept [n] bool: which of the layout's tiles are still there)."""
+    r = tile_rects(layout)
+    sx, sy = width / layout.width, height / layout.height
+    x0 = snap_v(torch.round(r[:, 0] * sx), align, width)
+    x1 = snap_v(torch.round((r[:, 0] + r[:, 2]) * sx), align, width)
+    y0 = snap_v(torch.round(r[:, 1] * sy), align, height)
+    y1 = snap_v(torch.round((r[:, 1] + r[:, 3]) * sy), align, height)
+    kept = (x1 > x0) & (y1 > y0)
+    cores = torch.stack((y0, y1, x0, x1), dim=1)[kept].long()
+    return cores, r[kept, 4], kept
+
+
 def scale_layout(layout: Layout, width: int, height: int, align: int = 1) -> Layout:
     """The same partition on a ``width`` x ``height`` canvas (e.g. latent units).
 
@@ -230,16 +268,11 @@ def scale_layout(layout: Layout, width: int, height: int, align: int = 1) -> Lay
     neighbours share edges, so the result is again a partition.  Tiles that collapse to
     zero size are dropped (their area is covered by their neighbours' shared edges).
     """
-    sx, sy = width / layout.width, height / layout.height
-    tiles = []
-    for t in layout.tiles:
-        x0 = snap(int(round(t.x * sx)), align, width)
-        x1 = snap(int(round((t.x + t.w) * sx)), align, width)
-        y0 = snap(int(round(t.y * sy)), align, height)
-        y1 = snap(int(round((t.y + t.h) * sy)), align, height)
-        if x1 > x0 and y1 > y0:
-            tiles.append(replace(t, x=x0, y=y0, w=x1 - x0, h=y1 - y0))
-    return Layout(width, height, tuple(tiles), layout.kind, layout.params)
+    cores, _, kept = scaled_cores(layout, width, height, align)
+    old = [t for t, k in zip(layout.tiles, kept.tolist()) if k]
+    tiles = tuple(Tile(x0, y0, x1 - x0, y1 - y0, t.denoise, t.depth)
+                  for t, (y0, y1, x0, x1) in zip(old, cores.tolist()))
+    return Layout(width, height, tiles, layout.kind, layout.params)
 
 
 def aspect_mismatch(layout: Layout, width: int, height: int) -> float:

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from . import model_families as mf
-from . import tile_conditioning as tcond
 from . import variable_denoise as vd
 from .tile_blend import Evaluation, Group
-from .tile_inputs import broadcast_source, chunk_subset, item_rows, map_tensors
+from .chunk_parts import batchable
+from .tile_inputs import broadcast_source, chunk_subset, item_rows
 from .tile_plan import TileConfig, plan_for
 from .tile_windows import WindowSet, counts_in
 from .utils import RUN_KEY, P, cond_dicts, latent_compression, latent_patch_size, summed_area
@@ -118,19 +118,6 @@ def chunk_boxes(run, to: dict, n_chunks: int, h: int, w: int) -> list | None:
     if any(b is None or (b[2], b[3]) != (h, w) for b in boxes):
         return None
     return boxes
-
-
-def batchable(run, c: dict, n_chunks: int, N: int) -> bool:
-    """Whether chunks of one call may evaluate different windows in one model call: nothing in its
-    model kwargs depends on the window but x (no spatial tensor, no deferred or attached control,
-    no model patches, no tile prompts); otherwise each box is evaluated in calls of its own."""
-    to = c.get("transformer_options", {})
-    if c.get("control") is not None or to.get("patches") or tcond.chunk_prompts(run, to, n_chunks) is not None:
-        return False
-    spatial = []
-    map_tensors({k: v for k, v in c.items() if k != "transformer_options"},
-                lambda v: spatial.append(torch.is_tensor(v) and v.ndim >= 4 and v.shape[0] == N) or v)
-    return not any(spatial)
 
 
 def slide_inside(a0: int, a1: int, length: int) -> tuple[int, int]:
@@ -330,6 +317,9 @@ class RegionalCalls:
         with the other boxes' windows of that size (:meth:`_evaluate_parts`), then each box's chunks
         combined with its own source crop and activity maps."""
         setups = [(chunks, self._area_setup(x, t, c, n_chunks, run, base, box, item)) for box, chunks in parts]
+        if run.once("area parts"):
+            log.info("%s %d prompts with areas of one size in one call: their windows of one size share model calls",
+                     P, len(parts))
         mixed = self._evaluate_parts(model, x, t, c, cou, n_chunks, [(chunks, s[3]) for chunks, s in setups], run)
         out = torch.empty_like(x)
         B = x.shape[0] // n_chunks
@@ -339,51 +329,6 @@ class RegionalCalls:
                 out[rows] = broadcast_source(src, x[rows], len(chunks))
             else:
                 out[rows] = self._area_finish(mixed[rows], x[rows], len(chunks), plan, coeffs, src, box)
-        return out
-
-    def _evaluate_parts(self, model, x, t, c, cou, n_chunks, parts, run):
-        """``_evaluate`` for a call whose chunks evaluate different windows (``parts``: (chunks, their
-        Evaluation in the call's coordinates)): windows of one size from every part go into one model
-        call, k per part (a part that runs out drops out of the later calls).  Only for calls whose
-        model kwargs hold nothing per window but x (:func:`batchable`)."""
-        import comfy.model_management as mm
-        from .tile_blend import blend, gather
-        from .tile_inputs import tile_cond, tile_value
-        x = x.contiguous()
-        N = x.shape[0]
-        B = N // n_chunks
-        H, W = int(x.shape[-2]), int(x.shape[-1])
-        out = torch.zeros_like(x)
-        sizes = list(dict.fromkeys(g.size for _, ev in parts for g in ev.groups))
-        whole = mf.whole_keys(model.base)
-        for size in sizes:
-            streams = [(chunks, ev, g) for chunks, ev in parts for g in ev.groups if g.size == size]
-            k = max(1, self._batch_size(run, model, x, n_chunks, size))
-            pos = 0
-            while True:
-                live = [s for s in streams if s[2].ids.numel() > pos]
-                if not live:
-                    break
-                mm.throw_exception_if_processing_interrupted()
-                kk = min(k, min(g.ids.numel() - pos for _, _, g in live))
-                sl = slice(pos, pos + kk)
-                chunks = [j for ch, _, _ in live for j in ch]
-                rows, tr, cr, coul = chunk_subset(x, t, c, cou, n_chunks, chunks)
-                xt = torch.cat([gather(x[[j * B + b for j in ch for b in range(B)]], len(ch), g.starts[sl], *size)
-                                for ch, _, g in live])
-                wins = live[0][1].windows_of(live[0][2], sl)      # only its length is read: nothing is cropped
-                ns = len(rows)
-                tt = tile_value(tr, wins, len(chunks), ns, H, W, False) if tr.ndim > 0 and tr.shape[0] == ns else tr
-                ct = tile_cond(cr, wins, len(chunks), ns, H, W, None, whole)
-                pred = model(xt, tt, ct, coul)
-                run.count_call(xt)
-                r = 0
-                for ch, ev, g in live:
-                    for j in ch:
-                        blend(out[j * B:(j + 1) * B], pred[r * kk * B:(r + 1) * kk * B], 1, g.starts[sl],
-                              ev.batch_weights(g, sl), g.cores_only)
-                        r += 1
-                pos += kk
         return out
 
     def _area_grid_call(self, model, x, t, c, cou, n_chunks, base, run):

@@ -27,7 +27,9 @@ import math
 
 import torch
 
-from .utils import SPOT_KEY
+from .tile_blend import Evaluation
+from .tile_windows import WindowSet, counts_in
+from .utils import SPOT_KEY, summed_area
 
 SCHEDULES = ("both", "alternate", "alternate_hold")
 DEFAULT_SCHEDULE = "both"
@@ -146,13 +148,12 @@ class SpotPartition:
     def __init__(self, H: int, W: int, align: int = 1, tile=None, cores=None):
         self.H, self.W, self.align = H, W, max(1, align)
         self.tile = tile
-        self.base_cores = tuple(tuple(c) for c in cores) if cores is not None else None
         if tile is not None:
             self.periods = tuple(0 if t >= L else t for t, L in zip(tile, (H, W)))
         else:
-            self.periods = tuple(0 if min_side(self.base_cores, a) >= L else min_side(self.base_cores, a)
-                                 for a, L in ((0, H), (1, W)))
-            self._base = torch.tensor(self.base_cores, dtype=torch.int64).reshape(-1, 4)
+            self._base = torch.as_tensor(cores, dtype=torch.int64).reshape(-1, 4)
+            sides = (self._base[:, 1] - self._base[:, 0], self._base[:, 3] - self._base[:, 2])
+            self.periods = tuple(0 if int(s.min()) >= L else int(s.min()) for s, L in zip(sides, (H, W)))
         self._cache: dict = {}
         self._long = tuple(self._longest(axis) for axis in (0, 1))
 
@@ -238,7 +239,7 @@ class SpotPartition:
     def max_tiles(self) -> int:
         """The most tiles a step's partition has."""
         if self.tile is None:
-            return len(self.base_cores)
+            return int(self._base.shape[0])
         return math.prod(max(len(grid_cuts(L, self.tile[axis], o)) + 1 for o in self.offset_range(axis))
                          for axis, L in ((0, self.H), (1, self.W)))
 
@@ -255,6 +256,60 @@ class SpotPartition:
             base, longest = (torch.as_tensor(v).reshape(-1) for v in self._long[axis])
             out.append({min(L, s + 2 * margin) for s in torch.cat((base, longest)).tolist()})
         return out[0], out[1]
+
+
+class SpotSteps:
+    """A plan's SpotDiffusion steps (mixed into ``tile_plan.Plan``: its ``partition``, canvas, levels,
+    ``level_ids`` and caches): each step's shifted windows, and the Evaluation of those holding an
+    active pixel (host-side, cached per step setting)."""
+
+    def spot_set(self, oy: int, ox: int, margin: int = 0, exact: bool = False) -> WindowSet:
+        """The partition shifted to offsets (oy, ox): each core in its window of the run's sizes
+        (``exact``: of its own size), grown by ``margin``."""
+        key = (oy, ox, margin, exact)
+        hit = self._spot_cache.get(key)
+        if hit is None:
+            hit = WindowSet(*self.partition.windows(oy, ox, margin, exact))
+            if len(self._spot_cache) >= 8:
+                self._spot_cache.pop(next(iter(self._spot_cache)))
+            self._spot_cache[key] = hit
+        return hit
+
+    def spot_windows(self, oy: int, ox: int, margin: int = 0, exact: bool = False) -> list:
+        """:meth:`spot_set` as Window objects (for inspection)."""
+        return self.spot_set(oy, ox, margin, exact).as_list()
+
+    def _sat(self, levels: frozenset) -> torch.Tensor:
+        """Summed-area table of the pixels whose level is in ``levels`` (cached per level set)."""
+        hit = self._sat_cache.get(levels)
+        if hit is None:
+            mask = torch.isin(self.level_ids, torch.tensor(sorted(levels), dtype=torch.int32))
+            hit = self._sat_cache[levels] = summed_area(mask)
+        return hit
+
+    def spot_evaluation(self, active_levels: set, oy: int, ox: int, margin: int = 0, exact: bool = False):
+        """(Evaluation of the shifted windows whose core holds a pixel of an active level, how many
+        windows the step has, how many of the others hold only skipped pixels)."""
+        ws = self.spot_set(oy, ox, margin, exact)
+        key = (oy, ox, margin, exact, frozenset(active_levels))
+        hit = self._spot_cache.get(key)
+        if hit is not None:
+            return hit
+        skipped = 0
+        if len(active_levels) == len(self.levels):
+            ids = torch.arange(len(ws))
+        else:
+            on = counts_in(self._sat(frozenset(active_levels)), ws.cores) > 0
+            ids = torch.nonzero(on).reshape(-1)
+            if self.n_skipped:
+                unskipped = frozenset(lvl for lvl, (_, sk) in enumerate(self.levels) if not sk)
+                live = counts_in(self._sat(unskipped), ws.cores) > 0
+                skipped = int((~on & ~live).sum())
+        hit = (Evaluation(ws, ids, self.H, self.W, self.device, self.dtype, None), len(ws), skipped)
+        if len(self._spot_cache) >= 8:
+            self._spot_cache.pop(next(iter(self._spot_cache)))
+        self._spot_cache[key] = hit
+        return hit
 
 
 EDGE_WINDOWS = ("fixed", "exact")

@@ -16,8 +16,8 @@ import torch
 from . import quadtree as qt
 from . import spot_diffusion as sd
 from .tile_blend import Evaluation, scatter_add_
-from .tile_windows import Window, WindowSet, counts_in, paint, positions, size_groups  # noqa: F401  (Window: re-exported)
-from .utils import summed_area
+from .tile_geometry import TileGeometry, aligned_grid_starts, snap_tile  # noqa: F401  (re-exported)
+from .tile_windows import Window, paint, positions, size_groups  # noqa: F401  (Window: re-exported)
 
 MOD_STD = 0.1          # Mixture of Diffusers: per-axis std as a fraction of the window side (var = 0.01)
 ASPECT_TOLERANCE = 0.03
@@ -52,26 +52,6 @@ class TileConfig:
 
 # --------------------------------------------------------------------------- geometry
 
-expand = sd.expand
-
-
-def expand_v(a0: torch.Tensor, a1: torch.Tensor, margin, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`expand` over tensors: [a0 - m, a1 + m] moved inside [0, length) with its size kept."""
-    size = torch.clamp(a1 - a0 + 2 * margin, max=length)
-    start = torch.minimum(torch.clamp(a0 - margin, min=0), length - size)
-    return start, start + size
-
-
-def grow_v(a0: torch.Tensor, a1: torch.Tensor, size: int, length: int, align: int = 1):
-    """[a0, a1) widened about its centre to at least ``size`` (on the ``align`` grid), inside
-    [0, length); sides already that long are kept (tensors of many sides at once)."""
-    m = torch.div(torch.clamp(size - (a1 - a0), min=0) + 1, 2, rounding_mode="floor")
-    m = torch.div(m + align - 1, align, rounding_mode="floor") * align
-    e0, e1 = expand_v(a0, a1, m, length)
-    keep = (a1 - a0) >= size
-    return torch.where(keep, a0, e0), torch.where(keep, a1, e1)
-
-
 def gaussian_1d(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """g(i) = exp(-(i - (n-1)/2)^2 / (2 (0.1 n)^2)): Mixture of Diffusers' weights along one axis."""
     i = torch.arange(n, dtype=torch.float64)      # on the CPU: float64 is not on every device (MPS)
@@ -86,41 +66,13 @@ def window_weight(method: str, h: int, w: int, device=None, dtype=torch.float32)
     return torch.ones(h, w, device=device, dtype=dtype)
 
 
-def snap_tile(tile: int, length: int, align: int) -> int:
-    """A grid tile side rounded down to the model's patch (the whole axis if it covers it)."""
-    if tile >= length or align <= 1:
-        return min(tile, length)
-    return max(align, tile // align * align)
-
-
-def aligned_grid_starts(length: int, tile: int, overlap: int, align: int) -> list[int]:
-    """:func:`quadtree.grid_starts` on the patch grid: every start a multiple of ``align`` except
-    a last window flush with an axis end that is not (so no window needs padding by a
-    patchifying model).  ``tile`` is a multiple of ``align`` or the whole axis.  Neighbours
-    still share >= ``overlap``; a one-patch tile with an overlap (which only unaligned starts can
-    give) keeps the unaligned starts."""
-    if align <= 1 or tile >= length:
-        return qt.grid_starts(length, tile, overlap)
-    n_tile, n_overlap = tile // align, -(-overlap // align)
-    if n_overlap >= n_tile and overlap > 0:
-        return qt.grid_starts(length, tile, overlap)
-    starts = [s * align for s in qt.grid_starts(length // align, n_tile, n_overlap)]
-    last = length - tile
-    if starts[-1] != last:       # an axis that is not a whole number of patches
-        if len(starts) > 1 and starts[-2] + tile - last >= overlap:
-            starts[-1] = last
-        else:
-            starts.append(last)
-    return starts
-
-
 # --------------------------------------------------------------------------- plan
 
 def no_check():
     """The default cancel check of a plan: never cancels."""
 
 
-class Plan:
+class Plan(TileGeometry, sd.SpotSteps):
     """Everything about a (config, canvas, device, dtype) that does not change between steps.
 
     The windows are a :class:`~.tile_windows.WindowSet` (tensors); their weights are one tensor
@@ -129,11 +81,13 @@ class Plan:
     denoise are built with one scatter per window size.  Nothing loops over windows in Python.
     For SpotDiffusion ``windows`` is the unshifted partition (it defines the tiles' denoise levels
     and skip); each step evaluates ``partition``'s shifted windows (:meth:`spot_evaluation`).
-    ``check`` is called between the planning phases (ComfyUI's Cancel raises from it).
+    ``layout``: None (a grid), or a layout's tiles in latent units (a :class:`quadtree.Layout` or the
+    (cores, denoise) tensors of :func:`quadtree.scaled_cores`).  ``check`` is called between the
+    planning phases (ComfyUI's Cancel raises from it).
     """
 
     def __init__(self, cfg: TileConfig, H: int, W: int, compression: int, align: int,
-                 device, dtype, layout: qt.Layout | None, min_tile: int = 1, check=no_check):
+                 device, dtype, layout, min_tile: int = 1, check=no_check):
         self.cfg, self.H, self.W, self.device, self.dtype = cfg, H, W, device, dtype
         self.compression, self.align, self.min_tile = compression, align, min_tile
         self.spot = cfg.method == "SpotDiffusion"
@@ -172,90 +126,6 @@ class Plan:
         if self.spot and self._level_ids_t is None:
             self._level_ids_t = self._level_id_map()
         return self._level_ids_t
-
-    # ---- construction
-    def _grid_tile_and_overlap(self, layout):
-        """(grid tile height, width, overlap, layout) in latent px; tile sizes are None with a layout."""
-        cfg, H, W, c = self.cfg, self.H, self.W, self.compression
-        overlap = (cfg.tile_overlap // c) if cfg.enable_overlap and not self.spot else 0
-        if layout is None:
-            th, tw = max(1, min(H, cfg.tile_height // c)), max(1, min(W, cfg.tile_width // c))
-            th, tw = max(th, min(H, self.align)), max(tw, min(W, self.align))
-            mt = self.min_tile
-            if th < min(H, mt) or tw < min(W, mt):
-                self.notes.append(f"grid tile {tw * c}x{th * c}px enlarged to {max(tw, min(W, mt)) * c}x"
-                                  f"{max(th, min(H, mt)) * c}px: this model takes no tile under {mt * c}px")
-                th, tw = max(th, min(H, mt)), max(tw, min(W, mt))
-            sh, sw = snap_tile(th, H, self.align), snap_tile(tw, W, self.align)
-            if (sh, sw) != (th, tw):
-                self.notes.append(f"grid tile {tw * c}x{th * c}px snapped to {sw * c}x{sh * c}px "
-                                  f"(the model's {self.align}x{self.align} latent patch)")
-            return sh, sw, overlap, None
-        return None, None, overlap, layout
-
-    def _skipped(self, cores: torch.Tensor) -> torch.Tensor:
-        """skip_diffusion_below: a tile whose core's smaller side (in pixels) is under it."""
-        skip = self.cfg.skip_below
-        side = torch.minimum(cores[:, 1] - cores[:, 0], cores[:, 3] - cores[:, 2])
-        return (side * self.compression < skip) if skip else torch.zeros_like(side, dtype=torch.bool)
-
-    def _window_set(self, layout) -> WindowSet:
-        boxes, cores, denoise = self._windows(layout)
-        skipped = self._skipped(cores)
-        keys = torch.stack((denoise, skipped.to(torch.float64)), dim=1)
-        uniq, levels = torch.unique(keys, dim=0, return_inverse=True)
-        self.levels = [(float(d), bool(sk)) for d, sk in uniq.tolist()]
-        return WindowSet(boxes, cores, levels.reshape(-1), denoise, skipped)
-
-    def _windows(self, layout):
-        """(boxes, cores, denoise) of every tile: [n, 4], [n, 4] int64 and [n] float64."""
-        cfg, H, W, c, a = self.cfg, self.H, self.W, self.compression, self.align
-        th, tw, overlap, layout = self._grid_tile_and_overlap(layout)
-        if layout is None and not self.spot:
-            limit = min(th, tw) // 2
-            if overlap > limit:
-                self.notes.append(f"tile_overlap {cfg.tile_overlap}px clamped to {limit * c}px (half a tile)")
-                overlap = limit
-            ys = torch.tensor(aligned_grid_starts(H, th, overlap, a), dtype=torch.int64)
-            xs = torch.tensor(aligned_grid_starts(W, tw, overlap, a), dtype=torch.int64)
-            y0, x0 = ys.repeat_interleave(xs.numel()), xs.repeat(ys.numel())
-            boxes = torch.stack((y0, y0 + min(th, H), x0, x0 + min(tw, W)), dim=1)
-            return boxes, boxes, torch.ones(boxes.shape[0], dtype=torch.float64)
-        if self.spot:        # the unshifted partition; each step shifts it (spot_diffusion.py)
-            if layout is None:
-                self.partition = sd.SpotPartition(H, W, a, tile=(th, tw))
-            else:
-                self.partition = sd.SpotPartition(H, W, a, cores=[(t.y, t.y + t.h, t.x, t.x + t.w)
-                                                                  for t in layout.tiles])
-            cores = self.partition.cores(*self.partition.rest())
-            side = torch.minimum(cores[:, 1] - cores[:, 0], cores[:, 3] - cores[:, 2])
-            small = int((side < self.min_tile).sum())
-            if small:
-                raise ValueError(f"quadtree: {small} tiles are smaller than the {self.min_tile * c}px this model "
-                                 f"takes and SpotDiffusion tiles cannot overlap: raise min_tile_size (or the tile "
-                                 f"size) to {self.min_tile * c}px or use Mixture of Diffusers / MultiDiffusion")
-            dn = torch.ones(cores.shape[0], dtype=torch.float64) if layout is None else \
-                torch.tensor([float(t.denoise) for t in layout.tiles], dtype=torch.float64)
-            return cores, cores, dn
-        cores = torch.tensor([(t.y, t.y + t.h, t.x, t.x + t.w) for t in layout.tiles], dtype=torch.int64)
-        dn = torch.tensor([float(t.denoise) for t in layout.tiles], dtype=torch.float64)
-        side = torch.minimum(cores[:, 1] - cores[:, 0], cores[:, 3] - cores[:, 2])
-        margin = 0
-        if overlap > 0:
-            limit = int(side.min())
-            if overlap > limit:
-                self.notes.append(f"tile_overlap {cfg.tile_overlap}px clamped to {limit * c}px "
-                                  f"(the smallest tile side)")
-                overlap = limit
-            margin = -(-overlap // 2)
-            margin = -(-margin // a) * a
-        small = int((side + 2 * margin < self.min_tile).sum())
-        if small:
-            self.notes.append(f"{small} quadtree tiles evaluated in windows enlarged to {self.min_tile * c}px "
-                              f"(this model takes no tile under that)")
-        y0, y1 = grow_v(*expand_v(cores[:, 0], cores[:, 1], margin, H), self.min_tile, H, a)
-        x0, x1 = grow_v(*expand_v(cores[:, 2], cores[:, 3], margin, W), self.min_tile, W, a)
-        return torch.stack((y0, y1, x0, x1), dim=1), cores, dn
 
     def _level_maps(self) -> torch.Tensor:
         """W_l[p] = sum over tiles t of level l of their normalised weight at p: [L, H, W]."""
@@ -341,55 +211,6 @@ class Plan:
             hit = self._active_cache[key] = self.all if bool(on.all()) else torch.nonzero(on[self.set.levels]).reshape(-1)
         return hit
 
-    # ---- SpotDiffusion (host-side, cached per step setting)
-    def spot_set(self, oy: int, ox: int, margin: int = 0, exact: bool = False) -> WindowSet:
-        """The partition shifted to offsets (oy, ox): each core in its window of the run's sizes
-        (``exact``: of its own size), grown by ``margin``."""
-        key = (oy, ox, margin, exact)
-        hit = self._spot_cache.get(key)
-        if hit is None:
-            hit = WindowSet(*self.partition.windows(oy, ox, margin, exact))
-            if len(self._spot_cache) >= 8:
-                self._spot_cache.pop(next(iter(self._spot_cache)))
-            self._spot_cache[key] = hit
-        return hit
-
-    def spot_windows(self, oy: int, ox: int, margin: int = 0, exact: bool = False) -> list:
-        """:meth:`spot_set` as Window objects (for inspection)."""
-        return self.spot_set(oy, ox, margin, exact).as_list()
-
-    def _sat(self, levels: frozenset) -> torch.Tensor:
-        """Summed-area table of the pixels whose level is in ``levels`` (cached per level set)."""
-        hit = self._sat_cache.get(levels)
-        if hit is None:
-            mask = torch.isin(self.level_ids, torch.tensor(sorted(levels), dtype=torch.int32))
-            hit = self._sat_cache[levels] = summed_area(mask)
-        return hit
-
-    def spot_evaluation(self, active_levels: set, oy: int, ox: int, margin: int = 0, exact: bool = False):
-        """(Evaluation of the shifted windows whose core holds a pixel of an active level, how many
-        windows the step has, how many of the others hold only skipped pixels)."""
-        ws = self.spot_set(oy, ox, margin, exact)
-        key = (oy, ox, margin, exact, frozenset(active_levels))
-        hit = self._spot_cache.get(key)
-        if hit is not None:
-            return hit
-        skipped = 0
-        if len(active_levels) == len(self.levels):
-            ids = torch.arange(len(ws))
-        else:
-            on = counts_in(self._sat(frozenset(active_levels)), ws.cores) > 0
-            ids = torch.nonzero(on).reshape(-1)
-            if self.n_skipped:
-                unskipped = frozenset(lvl for lvl, (_, sk) in enumerate(self.levels) if not sk)
-                live = counts_in(self._sat(unskipped), ws.cores) > 0
-                skipped = int((~on & ~live).sum())
-        hit = (Evaluation(ws, ids, self.H, self.W, self.device, self.dtype, None), len(ws), skipped)
-        if len(self._spot_cache) >= 8:
-            self._spot_cache.pop(next(iter(self._spot_cache)))
-        self._spot_cache[key] = hit
-        return hit
-
     def max_window(self, margin: int = 0) -> tuple[int, int]:
         """The largest window (height, width) any step evaluates."""
         if self.spot:
@@ -424,7 +245,7 @@ def plan_for(cfg: TileConfig, H: int, W: int, compression: int, align: int, devi
         if (layout.width, layout.height) != (W * compression, H * compression):
             note = (f"quadtree built for a {layout.width}x{layout.height}px image, scaled to the "
                     f"{W * compression}x{H * compression}px latent")
-        layout = qt.scale_layout(layout, W, H, align)
+        layout = qt.scaled_cores(layout, W, H, align)[:2]
     plan = Plan(cfg, H, W, compression, align, device, dtype, layout, min_tile, check)
     if note:
         plan.notes.insert(0, note)

@@ -29,6 +29,7 @@ from . import regional
 from . import spot_diffusion as sd
 from . import tile_conditioning as tcond
 from . import variable_denoise as vd
+from .chunk_parts import ChunkParts
 from .sampling_run import RunState, SamplingRun
 from .spot_diffusion import spot_margin
 from .tile_control import TileControl
@@ -71,7 +72,7 @@ class ModelCall:
 
 # --------------------------------------------------------------------------- engine
 
-class TiledDiffusion(SamplingRun, regional.RegionalCalls):
+class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts):
     """The unet function wrapper and its keyed sampler wrappers (one object per node output)."""
 
     def __init__(self, cfg: TileConfig, inner=None):

@@ -174,3 +174,53 @@ def test_each_image_of_a_batch_keeps_its_zero_denoise_tiles_under_a_regional_pro
         for y0, y1, x0, x1 in zero:
             torch.testing.assert_close(out[i:i + 1, :, y0:y1, x0:x1], src[i:i + 1, :, y0:y1, x0:x1], atol=1e-4, rtol=0)
         assert all(float((out - src)[i, :, a:b, c:d].abs().mean()) > 1e-2 for a, b, c, d in changed)
+
+
+# --------------------------------------------------------------------------- fewer, fuller calls (issue 21)
+
+def two_areas(base):
+    """Two area prompts of one size at two places: ComfyUI evaluates them in one call (equal inputs)."""
+    first = regional("area", base, fx.tiny_conditioning("a red barn"), box=(16, 8, 128, 96))
+    return regional("area", first, fx.tiny_conditioning("a blue lake"), box=(224, 136, 128, 96))
+
+
+def calls_per_step(log, steps):
+    return len(log.calls) / steps
+
+
+def test_two_area_prompts_share_model_calls(pack, prompts, source, monkeypatch):
+    """Two area prompts of one size arrive in one ComfyUI call, each chunk on its own box: windows of one
+    size from both boxes go into the same model calls (rows of both prompts in one call), fewer calls per
+    step than one set of calls per box, and the same result up to float rounding."""
+    base, _, neg = prompts
+    pos = two_areas(base)
+    model, log = fx.logged(fx.local_model(0))
+    m = tiled(pack, model, tile_width=128, tile_height=96, tile_overlap=32, variable_denoise="off")
+    out = fx.run_ksampler(m, pos, neg, source, steps=2, denoise=0.8)
+    barn, lake = (fx.tiny_conditioning(t)[0][0][0] for t in ("a red barn", "a blue lake"))
+
+    def holds(call, ctx):
+        return any(torch.equal(r[:77], ctx[:77]) for r in call.c["c_crossattn"])
+
+    shared = [call for call in log.calls if holds(call, barn) and holds(call, lake)]
+    assert shared, "no model call held both area prompts' windows"
+    batched = calls_per_step(log, 2)
+    log.calls.clear()
+    monkeypatch.setattr(pack.regional, "batchable", lambda *a, **k: False)      # one set of calls per box
+    ref = fx.run_ksampler(m, pos, neg, source, steps=2, denoise=0.8)
+    apart = calls_per_step(log, 2)
+    assert not any(holds(call, barn) and holds(call, lake) for call in log.calls)
+    assert batched < apart, (batched, apart)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_mask_prompt_shares_the_canvas_prompts_calls(pack, prompts, source):
+    """A plain mask prompt's rows ride in the canvas prompt's model calls on the windows its mask touches
+    (cond, uncond and the mask prompt in one call), not in calls of their own."""
+    base, region, neg = prompts
+    model, log = fx.logged(fx.local_model(0))
+    m = tiled(pack, model, tile_width=192, tile_height=128, tile_overlap=32, variable_denoise="off")
+    fx.run_ksampler(m, regional("mask", base, region, box=(16, 8, 64, 48)), neg, source, steps=2, denoise=0.8)
+    ctx = region[0][0][0]
+    with_mask = [call for call in log.calls if any(torch.equal(r[:77], ctx[:77]) for r in call.c["c_crossattn"])]
+    assert with_mask and all(len(call.cou) == 3 for call in with_mask), [call.cou for call in with_mask]
