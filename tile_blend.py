@@ -114,9 +114,9 @@ class Evaluation:
             yield positions(starts, h, w, self.W, self.device), wt.expand(starts.shape[0], h, w)
 
     def batches(self, k_of):
-        """(group, slice) of every tile batch: each size's windows in runs of ``k_of(size)``."""
+        """(group, slice) of every tile batch: each size's windows in runs of ``k_of(size, count)``."""
         for g in self.groups:
-            k = max(1, int(k_of(g.size)))
+            k = max(1, int(k_of(g.size, g.ids.numel())))
             for s in range(0, g.ids.numel(), k):
                 yield g, slice(s, s + k)
 

@@ -226,17 +226,20 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts):
                          schedule, _short(ys), _short(xs))
         return ys[step], xs[step]
 
-    def _batch_size(self, run, model: ModelCall, x, n_chunks, size) -> int:
+    def _batch_size(self, run, model: ModelCall, x, n_chunks, size, n: int = 0) -> int:
+        """Tiles per call for ``n`` windows of ``size``: the node's tile_batch_size, or (auto) what fits
+        the device's free memory (cached per run, device and size), spread evenly over the calls."""
         k = self.cfg.tile_batch_size
         if k > 0:
             return k
         key = (str(x.device), size)
         if run is not None and key in run.batch:
-            return run.batch[key]
-        k = auto_batch_size(model.base, x, n_chunks, size)
-        if run is not None:
-            run.batch[key] = k      # per device and window size: a quadtree's sizes differ up to 64x in area
-        return k
+            k = run.batch[key]
+        else:
+            k = auto_batch_size(model.base, x, n_chunks, size)
+            if run is not None:
+                run.batch[key] = k      # per device and window size: a quadtree's sizes differ up to 64x in area
+        return even_batch(n, k) if n else k
 
     def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run):
         """M = sum over the evaluated windows of weight_t * x0_t (SpotDiffusion: each window's x0 on
@@ -257,7 +260,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts):
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
         refs.check_canvas_grid(c, model.base, H, W, batch_of(ev.windows, ev.ids))
         rs = refs.ref_set(model.base, c, H, W, mf.spatial_patch(model.base), self.cfg.reference_mode)
-        for g, sl in ev.batches(lambda size: self._batch_size(run, model, x, n_chunks, size)):
+        for g, sl in ev.batches(lambda size, n: self._batch_size(run, model, x, n_chunks, size, n)):
             mm.throw_exception_if_processing_interrupted()
             wins = ev.windows_of(g, sl)
             pos = positions(g.starts[sl], *g.size, W, x.device)
@@ -313,10 +316,15 @@ def tiled_model(model, cfg: TileConfig):
     return m
 
 
+AUTO_MAX_TILES = 4096        # auto tile batch: at most this many tiles per call (an upper bound, not a target)
+
+
 def auto_batch_size(base, x, n_chunks: int, size) -> int:
     """Tiles per model call that fit the free memory of the model's device (tile_batch_size 0).
 
-    k = floor(0.8 * free / (1.5 * memory_required(one tile with all its cond chunks))), 1..64.
+    k = floor(0.8 * free / (1.5 * memory_required(one tile with all its cond chunks))), 1..4096: a
+    call is filled as far as memory allows (the engine then spreads a size's windows evenly over
+    the fewest calls of at most k, :func:`even_batch`).
     """
     import comfy.model_management as mm
     try:
@@ -325,9 +333,15 @@ def auto_batch_size(base, x, n_chunks: int, size) -> int:
         free = mm.get_free_memory(x.device)
         if per_tile <= 0:
             return 8
-        return int(max(1, min(64, 0.8 * free // per_tile)))
+        return int(max(1, min(AUTO_MAX_TILES, 0.8 * free // per_tile)))
     except Exception:
         return 4
+
+
+def even_batch(n: int, k: int) -> int:
+    """The batch of the fewest calls of at most k tiles for n windows, spread evenly: ceil(n / ceil(n / k))
+    (100 windows at k = 64: two calls of 50, one input shape, instead of 64 + 36)."""
+    return -(-n // -(-n // k)) if n > 0 else k
 
 
 def _short(values, limit: int = 16) -> str:

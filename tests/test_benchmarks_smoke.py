@@ -132,3 +132,21 @@ def test_bench_vae_small(tmp_path):
     per_mp = data["sd_host_bytes_per_megapixel"]
     assert per_mp["fp32"]["decode_exact"] == pytest.approx(2 * per_mp["fp16"]["decode_exact"], rel=0.02)
     assert per_mp["fp32"]["decode_exact"] > 10 * per_mp["fp32"]["decode_fast"]
+
+
+def test_bench_scale_small(tmp_path):
+    """benchmarks/bench_scale.py at smoke size: its table, ratio lines and JSON; the counts are exact (the
+    model's calls the benchmark counts == the engine's run summary; 16 tiles per call at most)."""
+    path = tmp_path / "scale.json"
+    stdout = _run([os.path.join(BENCH, "bench_scale.py"), "--small", "--json", str(path)], timeout=600)
+    ratios = _ratio_lines(stdout)
+    for key in ("overhead_growth[grid]", "overhead_growth[quadtree]"):
+        assert key in ratios and math.isfinite(ratios[key]) and ratios[key] > 0, (key, ratios)
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["grid", "grid", "quadtree", "quadtree"]
+    assert rows[0]["tiles"] == 100 and rows[1]["tiles"] == 400
+    for r in rows:
+        assert r["engine"]["calls"] == r["calls"] and r["rows_per_call"] <= 16
+        assert r["engine"]["rows_per_call"] == pytest.approx(r["rows_per_call"], abs=0.05)
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("plan_ms", "step_s", "bare_step_s", "overhead"))
+    assert rows[1]["calls_per_step"] == 400 / 16 and rows[1]["shapes"] == 1     # 25 full calls of one shape
