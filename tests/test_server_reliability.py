@@ -5,6 +5,7 @@ are read back (tests/reliability.py).  Before comparing a re-run, the tests chec
 really executed the sampler again (it is not in the prompt's ``execution_cached`` list).
 """
 import math
+import re
 import time
 
 import pytest
@@ -104,6 +105,64 @@ def test_interrupt_stops_within_a_tile_batch_and_the_next_prompt_is_unaffected(c
     assert torch.equal(rl.saved_latent(srv, after), rl.saved_latent(srv, before))
     assert sampling_lines(after_log) == sampling_lines(before_log)
     assert "Traceback" not in after_log
+
+
+def large_canvas_prompt(oi, stage: str, seed: int):
+    """A 6,000-tile run (5120x4800 px, 64-px MultiDiffusion tiles without overlap, 16 per call, CFG 1)
+    with the Cancel probe (tests/fixture_nodes/cancel_probe.py) between the model and the engine."""
+    p = rl.tiled_prompt(oi, method="MultiDiffusion", mode="off", overlap=0, tile_batch_size=16, width=5120,
+                        height=4800, steps=2, cfg=1.0, text=f"cancel while {stage} {seed}", seed=seed)
+    p["probe"] = rl.node(oi, "QTDTestCancelProbe", model=["model", 0], stage=stage, at_call=3)
+    p["tiled"]["inputs"]["model"] = ["probe", 0]
+    return p
+
+
+@pytest.mark.parametrize("stage", ["plan", "sample"])
+def test_cancel_of_a_6000_tile_run_while_planning_or_sampling(comfy_server, oi, stage):
+    """Cancel (POST /interrupt) while a 6,000-tile run plans its tiles or samples them: the model is not
+    called once more after Cancel, the KSampler ends interrupted, and the next prompt runs as before.
+
+    Deterministic: the probe holds the run at a known point (before the engine plans, or just after
+    the model returned the third tile batch) until ComfyUI's interrupt flag is set, then lets it go on
+    and logs any model call made after it. The engine checks Cancel between its planning phases and
+    before every tile batch, so none is. The wall-clock bound (0.5 s from the POST to ComfyUI's
+    execution_interrupted message) is generous: what runs in between is the HTTP request, the probe's
+    1-ms poll, one tile batch's blend and the exception unwinding, milliseconds here (a Cancel that
+    lands while the model runs a batch waits for that batch too: one 16-tile call of the fixture model
+    takes 0.1-0.15 s in this test server on a loaded machine, so the bound holds then as well)."""
+    srv = comfy_server
+    photo = rl.ensure_photo(srv, 128, 128, seed=0)
+    small = rl.tiled_prompt(oi, image=photo, layout="quadtree", mode="scale", denoise=0.6, steps=3,
+                            text=f"next prompt after a cancel while {stage}", seed=3)
+    before, before_log = run_fresh_executed(srv, small)
+
+    start = len(srv.log_text())
+    pid = srv.queue(large_canvas_prompt(oi, stage, seed=11 if stage == "plan" else 12))
+    wait_for_log(srv, "[QTD probe] waiting for Cancel", start, timeout=PROMPT_TIMEOUT)
+    t_post = time.time()
+    srv.interrupt()
+    entry = srv.wait(pid, PROMPT_TIMEOUT)
+    log = srv.log_text()[start:]
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert rl.message(entry, "execution_error") is None, rl.status_messages(entry)
+    stop = rl.message(entry, "execution_interrupted")
+    assert stop is not None and stop["node_type"] == "KSampler", rl.status_messages(entry)
+    assert "[QTD probe] Cancel seen" in log, log[-3000:]
+    assert "after Cancel" not in log, log[-3000:]           # no model call once Cancel was sent
+    if stage == "plan":                                      # the tiles were never planned, nothing sampled
+        assert "MultiDiffusion grid on a 640x600 latent" not in log
+    else:
+        assert "MultiDiffusion grid on a 640x600 latent: 6000 tiles" in log
+    assert "run done" not in log or stage == "sample"
+    latency = stop["timestamp"] / 1000.0 - t_post
+    seen = float(re.search(r"Cancel seen .*\(time ([\d.]+)\)", log).group(1))
+    print(f"cancel while {stage}: the run saw Cancel {(seen - t_post) * 1000:.0f} ms after the POST, "
+          f"execution_interrupted {latency * 1000:.0f} ms after it")
+    assert latency < 0.5, latency
+
+    after, after_log = run_fresh_executed(srv, small)
+    assert torch.equal(rl.saved_latent(srv, after), rl.saved_latent(srv, before))
+    assert sampling_lines(after_log) == sampling_lines(before_log)
 
 
 # ----------------------------------------------------------------------------------------- queue
