@@ -268,7 +268,7 @@ class RegionalCalls:
         Hc, Wc = run.canvas
         plan = self._plan(run, Hc, Wc, base, x, item)
         step, n = self._step(run, t, c.get("transformer_options", {}))
-        src = run.source
+        src = run.source_frames(c.get("transformer_options", {}), x)
         B = x.shape[0] // n_chunks
         if src is not None and len(self.cfg.layouts) > 1 and src.shape[0] == len(self.cfg.layouts):
             src = src[item:item + 1]

@@ -18,6 +18,7 @@ import torch
 
 from . import model_families as mf
 from . import variable_denoise as vd
+from .context_frames import window_frames
 from .spot_diffusion import spot_margin
 from .tile_plan import Plan, plan_for, plan_has_levels
 from .utils import PS, PV, RUN_KEY, P, latent_compression, latent_patch_size
@@ -46,6 +47,17 @@ class RunState:
                                                  "batches": 0, "rows": 0, "max_rows": 0})
     shapes: set = field(default_factory=set)     # distinct input shapes the model was called with
     logged: set = field(default_factory=set)
+    context_handler: object = None               # ComfyUI's temporal context handler, if the model has one
+
+    def source_frames(self, to: dict, x: torch.Tensor) -> torch.Tensor | None:
+        """The source latent at the frames of the model input ``x``: the whole source when its
+        channels and frames are x's, else (inside a temporal context window) the window's frames of it
+        (context_frames.py); the whole source again if neither fits (the caller then drops it)."""
+        src = self.source
+        if src is None or src.shape[1:-2] == x.shape[1:-2] or (to or {}).get("context_window") is None:
+            return src
+        framed = window_frames(to, src, self.context_handler)
+        return framed if framed is not None and framed.shape[1:-2] == x.shape[1:-2] else src
 
     def count_call(self, x: torch.Tensor):
         """One call of the model itself (a tile batch): its rows and input shape."""
@@ -97,9 +109,9 @@ class SamplingRun:
 
         Arguments ComfyUI adds in later versions (``*args``, ``**kwargs``) are passed on unchanged.
         """
-        run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=latent_image,
-                       canvas=tuple(noise.shape[-2:]))
         mo = extra_args.setdefault("model_options", {})
+        run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=latent_image,
+                       canvas=tuple(noise.shape[-2:]), context_handler=mo.get("context_handler"))
         to = dict(mo.get("transformer_options", {}))
         to[RUN_KEY] = run
         mo["transformer_options"] = to

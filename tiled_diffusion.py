@@ -106,7 +106,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts):
         canvas = run.canvas if run is not None else (H, W)
         if (H, W) != tuple(canvas):
             return self._area_call(model, x, t, c, cou, n_chunks, base, run)
-        src = run.source if run is not None else None
+        src = run.source_frames(to, x) if run is not None else None
         if src is not None and not source_fits(src, x, n_chunks):
             src = None
         if run is not None:
