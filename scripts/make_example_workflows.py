@@ -53,9 +53,20 @@ WIDGETS = {
     "CLIPLoader": ["clip_name", "type", "device"],
     "TextGenerate": ["prompt", "max_length", "sampling_mode", "thinking", "use_default_template"],
     "StringConcatenate": ["string_a", "string_b", "delimiter"],
+    "UNETLoader": ["unet_name", "weight_dtype"],
+    "VAELoader": ["vae_name"],
+    "LoadVideo": ["file"],
+    "GetVideoComponents": [],
+    "ModelSamplingSD3": ["shift"],
+    "WanContextWindowsManual": ["context_length", "context_overlap", "context_schedule", "context_stride",
+                                "closed_loop", "fuse_method", "freenoise", "retain_first_frame",
+                                "split_conds_to_windows"],
+    "CreateVideo": ["fps", "bit_depth"],
+    "SaveVideo": ["filename_prefix", "format", "codec"],
 }
 # Widgets that take a link instead of their value (the frontend gives every widget an input slot).
-WIDGET_TYPES = {("CLIPTextEncode", "text"): "STRING", ("StringConcatenate", "string_a"): "STRING"}
+WIDGET_TYPES = {("CLIPTextEncode", "text"): "STRING", ("StringConcatenate", "string_a"): "STRING",
+                ("CreateVideo", "fps"): "FLOAT"}
 # Link inputs per node type: (name, type), in input order (optional ones last).
 INPUTS = {
     "CheckpointLoaderSimple": [],
@@ -80,8 +91,17 @@ INPUTS = {
     "CLIPLoader": [],
     "TextGenerate": [("clip", "CLIP"), ("image", "IMAGE")],
     "StringConcatenate": [],
+    "UNETLoader": [],
+    "VAELoader": [],
+    "LoadVideo": [],
+    "GetVideoComponents": [("video", "VIDEO")],
+    "ModelSamplingSD3": [("model", "MODEL")],
+    "WanContextWindowsManual": [("model", "MODEL")],
+    "CreateVideo": [("images", "IMAGE"), ("audio", "AUDIO")],
+    "SaveVideo": [("video", "VIDEO")],
 }
-OPTIONAL_INPUTS = {("QuadtreeDiffusion", "quadtree"), ("ControlNetApplyAdvanced", "vae"), ("TextGenerate", "image")}
+OPTIONAL_INPUTS = {("QuadtreeDiffusion", "quadtree"), ("ControlNetApplyAdvanced", "vae"), ("TextGenerate", "image"),
+                   ("CreateVideo", "audio")}
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
@@ -102,10 +122,20 @@ OUTPUTS = {
     "CLIPLoader": [("CLIP", "CLIP")],
     "TextGenerate": [("generated_text", "STRING")],
     "StringConcatenate": [("STRING", "STRING")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "VAELoader": [("VAE", "VAE")],
+    "LoadVideo": [("VIDEO", "VIDEO")],
+    "GetVideoComponents": [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")],
+    "ModelSamplingSD3": [("MODEL", "MODEL")],
+    "WanContextWindowsManual": [("MODEL", "MODEL")],
+    "CreateVideo": [("VIDEO", "VIDEO")],
+    "SaveVideo": [],
 }
 # Outputs that are lists (the frontend draws them with shape 6).
 LIST_OUTPUTS = {("QuadtreeTileCrops", "crops")}
 # Node types that ship with ComfyUI (the frontend records their origin in properties.cnr_id).
+# (The video example is made for a current ComfyUI: its Wan Context Windows and Create Video
+# nodes have the inputs of ComfyUI 0.28 and later.)
 CORE = set(WIDGETS) - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion",
                        "VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion",
                        "QuadtreeTileCrops", "QuadtreeTileConditioning"}
@@ -122,9 +152,17 @@ SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 TILE_CN = "control_v11f1e_sd15_tile.pth"
 CAPTION_VLM = "qwen3vl_8b_fp8_scaled.safetensors"   # Qwen3-VL 8B: a vision-language model ComfyUI runs itself
+WAN_UNET = "wan2.1_t2v_1.3B_fp16.safetensors"        # Wan 2.1 text-to-video 1.3B (native 832x480)
+WAN_TE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+WAN_REPO = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
 # Model files a workflow names that ComfyUI's frontend offers to download when missing.
 MODEL_URLS = {CAPTION_VLM: {"name": CAPTION_VLM, "directory": "text_encoders",
-                            "url": "https://huggingface.co/Comfy-Org/Qwen3-VL/resolve/main/text_encoders/" + CAPTION_VLM}}
+                            "url": "https://huggingface.co/Comfy-Org/Qwen3-VL/resolve/main/text_encoders/" + CAPTION_VLM},
+              WAN_UNET: {"name": WAN_UNET, "directory": "diffusion_models",
+                         "url": WAN_REPO + "diffusion_models/" + WAN_UNET},
+              WAN_TE: {"name": WAN_TE, "directory": "text_encoders", "url": WAN_REPO + "text_encoders/" + WAN_TE},
+              WAN_VAE: {"name": WAN_VAE, "directory": "vae", "url": WAN_REPO + "vae/" + WAN_VAE}}
 CAPTION_PROMPT = ("Describe this image in one short phrase for an image generator: the main subject, its "
                   "material and texture. Answer with the phrase only.")
 TILE_STYLE = ", detailed photograph, sharp focus, high quality"
@@ -216,8 +254,8 @@ class Graph:
                 values.append(n["widgets"][w])
                 if w in SEED_WIDGETS:
                     values.append("fixed")  # the frontend's control_after_generate widget
-                if t == "LoadImage" and w == "image":
-                    values.append("image")  # the frontend's upload button widget
+                if (t, w) in (("LoadImage", "image"), ("LoadVideo", "file")):
+                    values.append("image")  # the frontend's upload button widget (named "image" for videos too)
             props = {"Node name for S&R": t}
             if t in CORE:
                 props.update({"cnr_id": "comfy-core", "ver": CORE_SINCE.get(t, COMFY_VERSION)})
@@ -275,6 +313,9 @@ DISPLAY = {
     "ControlNetLoader": "Load ControlNet Model", "ControlNetApplyAdvanced": "Apply ControlNet",
     "QuadtreeTileCrops": "Quadtree Tile Crops", "QuadtreeTileConditioning": "Quadtree Tile Conditioning",
     "CLIPLoader": "Load CLIP", "TextGenerate": "Generate Text", "StringConcatenate": "Concatenate Text",
+    "UNETLoader": "Load Diffusion Model", "VAELoader": "Load VAE", "LoadVideo": "Load Video",
+    "GetVideoComponents": "Get Video Components", "ModelSamplingSD3": "ModelSamplingSD3",
+    "WanContextWindowsManual": "Wan Context Windows", "CreateVideo": "Create Video", "SaveVideo": "Save Video",
 }
 
 # Quadtree VAE Encode / Decode, exact (equal to the untiled VAE); 1024-px tiles fit GPUs of 8 GB and more.
@@ -449,8 +490,56 @@ def quadtree_upscale_tile_prompts() -> Graph:
     return g
 
 
+def wan_video_upscale_context_windows() -> Graph:
+    g = Graph("wan_video_upscale_context_windows", "Wan video upscale in tiles and temporal windows",
+              "Upscale a video 2x and re-sample it with Wan 2.1 in spatial tiles (Quadtree Diffusion) and temporal "
+              "context windows (Wan Context Windows): every model call holds one window of frames of one tile batch, "
+              "so memory follows the tile and the window, not the frame size or the video length.")
+    unet = g.node("UNETLoader", (40, 60), (340, 82), unet_name=WAN_UNET, weight_dtype="default")
+    clip = g.node("CLIPLoader", (40, 190), (340, 106), clip_name=WAN_TE, type="wan", device="default")
+    vae = g.node("VAELoader", (40, 340), (340, 58), vae_name=WAN_VAE)
+    pos, neg = _prompts(g, clip, 420, 40, "a detailed, sharp video, natural motion, high quality",
+                        "blurry, lowres, flicker, jpeg artifacts, watermark, text")
+    video = g.node("LoadVideo", (40, 460), (320, 330), file="input.mp4")
+    parts = g.node("GetVideoComponents", (400, 460), (260, 90))
+    up = g.node("ImageScaleBy", (400, 600), (300, 82), upscale_method="lanczos", scale_by=2.0)
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (400, 730), (300, 130), **VAE_ENCODE)
+    shift = g.node("ModelSamplingSD3", (880, 40), (300, 58), shift=8.0)
+    ctx = g.node("WanContextWindowsManual", (880, 140), (340, 280), context_length=81, context_overlap=30,
+                 context_schedule="standard_uniform", context_stride=1, closed_loop=False, fuse_method="pyramid",
+                 freenoise=True, retain_first_frame=False, split_conds_to_windows=False)
+    qd = g.node("QuadtreeDiffusion", (880, 460), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="off",
+                tile_width=832, tile_height=480)
+    ks = g.node("KSampler", (1260, 40), (320, 262), seed=0, steps=20, cfg=6.0, sampler_name="euler",
+                scheduler="simple", denoise=0.4)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1260, 360), (300, 110), **VAE_DECODE)
+    make = g.node("CreateVideo", (1260, 520), (300, 110), fps=16.0, bit_depth=8)
+    save = g.node("SaveVideo", (1600, 40), (560, 520), filename_prefix="video/quadtree_wan_upscale", format="auto",
+                  codec="auto")
+    g.link(video, "VIDEO", parts, "video")
+    g.link(parts, "images", up, "image")
+    g.link(up, "IMAGE", enc, "pixels")
+    g.link(vae, "VAE", enc, "vae")
+    g.link(unet, "MODEL", shift, "model")
+    g.link(shift, "MODEL", ctx, "model")
+    g.link(ctx, "MODEL", qd, "model")
+    g.link(qd, "MODEL", ks, "model")
+    g.link(pos, "CONDITIONING", ks, "positive")
+    g.link(neg, "CONDITIONING", ks, "negative")
+    g.link(enc, "LATENT", ks, "latent_image")
+    g.link(ks, "LATENT", dec, "samples")
+    g.link(vae, "VAE", dec, "vae")
+    g.link(dec, "IMAGE", make, "images")
+    g.link(parts, "audio", make, "audio")
+    g.link(parts, "fps", make, "fps")
+    g.link(make, "VIDEO", save, "video")
+    g.group("Tiles x temporal windows", (860, 0, 380, 760), "#3f789e")
+    return g
+
+
 WORKFLOWS = [quadtree_img2img_upscale, grid_txt2img_large, spotdiffusion_txt2img, quadtree_upscale_tile_controlnet,
-             quadtree_upscale_tile_prompts]
+             quadtree_upscale_tile_prompts, wan_video_upscale_context_windows]
 
 
 def write_all(out_dir: str = OUT) -> list[str]:
@@ -546,6 +635,22 @@ def _grid_thumb(width, height, tile, overlap, shifted=False):
     return img
 
 
+def _video_thumb(width, height, tile_w, tile_h, overlap, frames=3):
+    """Three frames of a video side by side, each with the same grid of tile windows, and the frames
+    grouped by two overlapping temporal windows underneath."""
+    from PIL import Image, ImageDraw
+    frame = _grid_thumb(width, height, tile_w, overlap).resize((width // 8, height // 8))
+    fw, fh = frame.size
+    img = Image.new("RGB", (frames * (fw + 8) + 8, fh + 40), (24, 24, 28))
+    d = ImageDraw.Draw(img)
+    for k in range(frames):
+        img.paste(frame, (8 + k * (fw + 8), 8))
+    for k, (a, b) in enumerate(((0, 2), (1, 3))):       # temporal windows over the frames
+        y = fh + 16 + 10 * k
+        d.rectangle([8 + a * (fw + 8), y, 8 + b * (fw + 8) - 8, y + 6], fill=((255, 160, 60), (90, 200, 255))[k])
+    return img
+
+
 def write_thumbnails(out_dir: str = OUT) -> list[str]:
     thumbs = {
         "quadtree_img2img_upscale": lambda: _quadtree_thumb(0.2, 0.6),
@@ -553,6 +658,7 @@ def write_thumbnails(out_dir: str = OUT) -> list[str]:
         "quadtree_upscale_tile_prompts": lambda: _quadtree_thumb(0.2, 0.6, indices=True),
         "grid_txt2img_large": lambda: _grid_thumb(2048, 1024, 1024, 128),
         "spotdiffusion_txt2img": lambda: _grid_thumb(3072, 1024, 1024, 0, shifted=True),
+        "wan_video_upscale_context_windows": lambda: _video_thumb(1664, 960, 832, 480, 64),
     }
     written = []
     for name, make in thumbs.items():

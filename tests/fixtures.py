@@ -393,10 +393,28 @@ def make_model(kind: str, seed: int = 0):
         return local_model(seed)
     if kind == "local_inpaint":
         return local_inpaint_model(seed)
+    if kind == "tiny_wan":
+        return tiny_wan(seed)
     raise ValueError(f"unknown fixture model kind {kind!r}")
 
 
-MODEL_KINDS = ("tiny_sd15", "local", "local_inpaint")
+def tiny_wan(seed: int = 0):
+    """A tiny Wan 2.1 text-to-video model (tests/families.py's ``WAN21_T2V``: ComfyUI's own WanModel,
+    64 wide, one block; 16 latent channels, reads 64-wide text tokens)."""
+    import importlib.util
+    name = "qtd_families"
+    families = sys.modules.get(name)
+    if families is None:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.realpath(__file__)),
+                                                                         "families.py"))
+        families = importlib.util.module_from_spec(spec)
+        sys.modules[name] = families
+        spec.loader.exec_module(families)
+    import comfy.supported_models
+    return families.build(comfy.supported_models.WAN21_T2V, families._wan_cfg(), seed=seed)
+
+
+MODEL_KINDS = ("tiny_sd15", "local", "local_inpaint", "tiny_wan")
 
 
 # --------------------------------------------------------------------------------------------

@@ -218,3 +218,22 @@ def post_prompt(srv, prompt: dict):
 
 def node_errors(body, node_id: str) -> list[dict]:
     return ((body or {}).get("node_errors") or {}).get(node_id, {}).get("errors", [])
+
+
+# ----------------------------------------------------------------------------- example workflows
+
+# Example workflows made for a current ComfyUI: {name: [(node type, an input the example sets)]}. On a
+# ComfyUI whose node lacks that input (0.3.75's Wan Context Windows predates freenoise), the tests of
+# that example skip with the reason (feature detection on /object_info, never a version string).
+EXAMPLE_NEEDS = {"wan_video_upscale_context_windows": [("WanContextWindowsManual", "freenoise"),
+                                                       ("CreateVideo", "bit_depth")]}
+
+
+def example_unsupported(name: str, object_info: dict) -> str | None:
+    """Why the server cannot take example workflow ``name`` as shipped, or None."""
+    for node, name_in in EXAMPLE_NEEDS.get(name, []):
+        info = object_info.get(node)
+        inputs = {} if info is None else {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        if name_in not in inputs:
+            return f"{name}: this ComfyUI's {node} has no input {name_in!r} (the example is made for ComfyUI 0.28+)"
+    return None

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 import qtd_fixtures as fx
+import qtd_reliability as rl
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +36,12 @@ WF_DIR = os.path.join(REPO, "example_workflows")
 UI_FILES = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 EXPECTED = {"quadtree_img2img_upscale", "grid_txt2img_large", "spotdiffusion_txt2img",
-            "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts"}
+            "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts", "wan_video_upscale_context_windows"}
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"   # a V3 combo whose chosen option brings its own inputs (ComfyUI 0.8+)
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 SEED_WIDGETS = ("seed", "noise_seed")     # the frontend adds control_after_generate to these by name
-FILE_COMBOS = {"ckpt_name", "control_net_name", "image", "vae_name", "lora_name", "unet_name", "clip_name"}
+FILE_COMBOS = {"ckpt_name", "control_net_name", "image", "vae_name", "lora_name", "unet_name", "clip_name", "file"}
 PROMPT_TIMEOUT = 300
 RUN_DONE = re.compile(r"\[Quadtree Diffusion\] run done: (\d+) model calls, (\d+) tile evaluations")
 VAE_LINE = re.compile(r"\[Quadtree VAE\] [^\n]*")
@@ -59,6 +60,13 @@ def api_path(name):
 @pytest.fixture(scope="module")
 def object_info(comfy_server):
     return comfy_server.object_info()
+
+
+def skip_unless_supported(name: str, object_info: dict):
+    """Skip an example made for a newer ComfyUI than the server (tests/reliability.py)."""
+    reason = rl.example_unsupported(name, object_info)
+    if reason:
+        pytest.skip(reason)
 
 
 # --------------------------------------------------------------------------- validation
@@ -106,7 +114,7 @@ def widget_specs(specs: list, values: list) -> tuple[list, int]:
         if opts.get("control_after_generate") or (typ == "INT" and name.split(".")[-1] in SEED_WIDGETS):
             control = k + 1
         out.append((name, typ, opts, k, control))
-        k += 1 + (control is not None) + bool(opts.get("image_upload"))    # the upload button's value
+        k += 1 + (control is not None) + bool(opts.get("image_upload") or opts.get("video_upload"))  # upload button
         if typ == DYNAMIC_COMBO:        # the chosen option's widgets follow the combo's value
             queue = option_specs(name, opts, value) + queue
     return out, k
@@ -266,6 +274,7 @@ def test_the_four_example_workflows_exist_in_both_forms():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_is_valid_against_object_info(name, object_info):
+    skip_unless_supported(name, object_info)
     wf = load(os.path.join(WF_DIR, name + ".json"))
     assert wf["version"] == 0.4
     errs = validate_ui(wf, object_info)
@@ -274,6 +283,7 @@ def test_ui_workflow_is_valid_against_object_info(name, object_info):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_form_is_the_same_graph(name, object_info):
+    skip_unless_supported(name, object_info)
     ui = ui_to_api(load(os.path.join(WF_DIR, name + ".json")), object_info)
     api = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in load(api_path(name)).items()}
     assert api == ui
@@ -339,9 +349,11 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, const
     p = copy.deepcopy(prompt)
     ckpts = set()
     for nid, node in p.items():
-        if node["class_type"] == "CheckpointLoaderSimple":
+        if node["class_type"] in ("CheckpointLoaderSimple", "UNETLoader"):
             node["class_type"], node["inputs"] = "QTDTestCheckpointLoader", {"kind": checkpoint_kind, "seed": 0}
             ckpts.add(nid)
+        elif node["class_type"] == "VAELoader":        # the video example's Wan VAE
+            node["class_type"], node["inputs"] = "QTDTestVideoVAELoader", {}
         elif node["class_type"] == "ControlNetLoader":
             node["class_type"], node["inputs"] = "QTDTestControlNetLoader", {"seed": 0}
         elif node["class_type"] == "TextGenerate":     # the captioner: no captioning model here
@@ -349,7 +361,10 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, const
             node["inputs"] = {"image": node["inputs"]["image"], "prompt": node["inputs"]["prompt"],
                               "constant": constant_captions}
     for nid in [k for k, v in p.items() if v["class_type"] == "CLIPLoader"]:
-        del p[nid]      # the captioning model's loader (only the captioner used it)
+        if any(isinstance(v, list) and v[0] == nid for n in p.values() for v in n["inputs"].values()):
+            p[nid] = {"class_type": "QTDTestCLIPLoader", "inputs": {}}      # a text encoder (the video example)
+        else:
+            del p[nid]      # the captioning model's loader (only the captioner used it)
     if real_vae:
         for node in p.values():
             for name, value in node["inputs"].items():
@@ -359,8 +374,9 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, const
     return p
 
 
-def shrink(prompt: dict, image_name: str, steps: int) -> dict:
-    """CPU-sized: canvases / 8, pixel tile settings / 8, few steps, the test image."""
+def shrink(prompt: dict, image_name: str, steps: int, video_name: str | None = None) -> dict:
+    """CPU-sized: canvases / 8, pixel tile settings / 8, few steps, the test image (and video);
+    temporal context windows of 2 latent frames (5 real frames) overlapping by one."""
     p = copy.deepcopy(prompt)
     for node in p.values():
         ct, inp = node["class_type"], node["inputs"]
@@ -368,6 +384,10 @@ def shrink(prompt: dict, image_name: str, steps: int) -> dict:
             inp["width"], inp["height"] = inp["width"] // 8, inp["height"] // 8
         elif ct == "LoadImage":
             inp["image"] = image_name
+        elif ct == "LoadVideo":
+            inp["file"] = video_name
+        elif ct == "WanContextWindowsManual":
+            inp["context_length"], inp["context_overlap"] = 5, 4
         elif ct == "ImageScaleBy":
             inp["scale_by"] = 1.0
         elif ct == "QuadtreeVisualizer":
@@ -398,6 +418,24 @@ def test_image(comfy_server):
     return r.json()["name"]
 
 
+@pytest.fixture(scope="module")
+def test_video(comfy_server):
+    """A 9-frame 128x128 video (a moving synthetic photo) in the server's input folder, written with PyAV."""
+    import av
+    name = "qtd_example_workflow_input.mp4"
+    frames = (fx.synthetic_photo(160, 128, seed=3)[0].numpy() * 255 + 0.5).astype(np.uint8)
+    with av.open(os.path.join(comfy_server.input_dir, name), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 128, 128, "yuv420p"
+        for k in range(9):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frames[:, 4 * k:4 * k + 128].copy(),
+                                                                   format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return name
+
+
 RUNS = {
     # name: (fixture checkpoint kind, steps, {SaveImage filename_prefix suffix: expected (W, H)}, real VAE)
     "quadtree_img2img_upscale": ("local", 3, {"upscale": (128, 128), "visualisation": (128, 128)}, True),
@@ -407,15 +445,17 @@ RUNS = {
                                                           "tile_cn_visualisation": (128, 128)}, False),
     "quadtree_upscale_tile_prompts": ("local", 3, {"tile_prompts_upscale": (128, 128),
                                                    "tile_prompts_visualisation": (128, 128)}, True),
+    "wan_video_upscale_context_windows": ("tiny_wan", 2, {}, False),
 }
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
-def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, test_image):
+def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, test_image, test_video):
+    skip_unless_supported(name, object_info)
     kind, steps, expected, real_vae = RUNS[name]
     shipped = load(api_path(name))
     assert any(n["class_type"] == "VAEDecodeTiled_QuadtreeDiffusion" for n in shipped.values())
-    prompt = shrink(substitute(shipped, kind, real_vae), test_image, steps)
+    prompt = shrink(substitute(shipped, kind, real_vae), test_image, steps, test_video)
     before = len(comfy_server.log_text())
     history = comfy_server.run(prompt, timeout=PROMPT_TIMEOUT)
     log = comfy_server.log_text()[before:]
@@ -429,6 +469,12 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
             with Image.open(paths[0]) as im:
                 sizes[node["inputs"]["filename_prefix"].split("/")[-1]] = im.size
     assert sizes == expected
+    for nid, node in prompt.items():
+        if node["class_type"] == "SaveVideo":     # the video example: a 9-frame video, tiles x temporal windows
+            saved = [f for v in history["outputs"].get(nid, {}).values() if isinstance(v, list)
+                     for f in v if isinstance(f, dict) and "filename" in f]
+            assert len(saved) == 1 and saved[0]["filename"].endswith(".mp4"), history.get("outputs")
+            assert "Context window" in log or "context windows" in log.lower(), log[-3000:]
 
     runs = [tuple(map(int, m.groups())) for m in RUN_DONE.finditer(log)]
     assert len(runs) == 1, f"expected one tiled sampling run in the log, got {runs}:\n{log[-3000:]}"
@@ -445,7 +491,7 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
         if real_vae:
             assert re.match(r"\[Quadtree VAE\] exact (en|de)code of 1 image\(s\)", line), line
         else:
-            assert "FixtureVAE" in line and "ComfyUI's own tiled VAE" in line, line
+            assert ("FixtureVAE" in line or "FixtureVideoVAE" in line) and "ComfyUI's own tiled VAE" in line, line
 
 
 def test_tile_controlnet_changes_the_tiled_result(comfy_server, test_image):

@@ -8,6 +8,8 @@ Installed into a test server's ``custom_nodes`` folder (as a symlink) by tests/s
   ComfyUI lacks it (``captioner_fixture.py``): the captioner of the per-tile prompt example.
 * ``QTDTestCancelProbe`` (model, stage, at_call) -> MODEL: holds a run until Cancel and logs any
   model call made after it (``cancel_probe.py``).
+* ``QTDTestCLIPLoader`` / ``QTDTestVideoVAELoader``: the video example's text encoder and video VAE
+  (``video_fixture.py``); its diffusion model is ``QTDTestCheckpointLoader`` kind ``tiny_wan``.
 * ``QTDTestVAELoader`` (seed) -> VAE: a tiny real ``comfy.sd.VAE`` (ComfyUI's AutoencoderKL with
   seeded weights, ``fx.tiny_vae``), which the Quadtree VAE nodes run exactly; the checkpoint
   loader's VAE (a duck-typed linear stand-in) makes them fall back to ComfyUI's tiled VAE.
@@ -115,12 +117,15 @@ from .controlnet_fixture import NODE_CLASS_MAPPINGS as _CN_NODES, NODE_DISPLAY_N
 from .denoiser_fixture import NODE_CLASS_MAPPINGS as _DN_NODES, NODE_DISPLAY_NAME_MAPPINGS as _DN_NAMES  # noqa: E402
 from .captioner_fixture import NODE_CLASS_MAPPINGS as _CAP_NODES, NODE_DISPLAY_NAME_MAPPINGS as _CAP_NAMES  # noqa: E402
 from .cancel_probe import NODE_CLASS_MAPPINGS as _CP_NODES, NODE_DISPLAY_NAME_MAPPINGS as _CP_NAMES  # noqa: E402
+from .video_fixture import NODE_CLASS_MAPPINGS as _VID_NODES, NODE_DISPLAY_NAME_MAPPINGS as _VID_NAMES  # noqa: E402
 
 NODE_CLASS_MAPPINGS.update(_CN_NODES)
 NODE_CLASS_MAPPINGS.update(_DN_NODES)
 NODE_CLASS_MAPPINGS.update(_CAP_NODES)
 NODE_CLASS_MAPPINGS.update(_CP_NODES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_CP_NAMES)
+NODE_CLASS_MAPPINGS.update(_VID_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_VID_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_CAP_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_CN_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_DN_NAMES)
