@@ -18,6 +18,7 @@ import torch
 
 from . import model_families as mf
 from . import variable_denoise as vd
+from . import noise_inversion as ni
 from .context_frames import window_frames
 from .spot_diffusion import spot_margin
 from .tile_plan import Plan, plan_for, plan_has_levels
@@ -112,10 +113,13 @@ class SamplingRun:
         mo = extra_args.setdefault("model_options", {})
         run = RunState(sigmas=[float(s) for s in sigmas.tolist()], source=latent_image,
                        canvas=tuple(noise.shape[-2:]), context_handler=mo.get("context_handler"))
+        inverted_from = None if ni.ascending(run.sigmas) else self.inversions.source_of(latent_image, noise)
+        if inverted_from is not None:       # resampling an inversion: per-tile denoise needs its clean source
+            run.source = inverted_from
         to = dict(mo.get("transformer_options", {}))
         to[RUN_KEY] = run
         mo["transformer_options"] = to
-        self._log_run_start(run)
+        self._log_run_start(run, inverted_from is not None)
 
         def counting_callback(i, denoised, x, total, *cb_args, **cb_kwargs):
             run.step = i + 1
@@ -123,8 +127,11 @@ class SamplingRun:
                 return callback(i, denoised, x, total, *cb_args, **cb_kwargs)
 
         try:
-            return executor(guider, sigmas, extra_args, counting_callback, noise, latent_image,
-                            denoise_mask, disable_pbar, *args, **kwargs)
+            out = executor(guider, sigmas, extra_args, counting_callback, noise, latent_image,
+                           denoise_mask, disable_pbar, *args, **kwargs)
+            if ni.ascending(run.sigmas):
+                self.inversions.record(latent_image, out)
+            return out
         finally:
             self._log_run_end(run)
 
@@ -171,8 +178,16 @@ class SamplingRun:
             self._largest[key] = hit
         return hit
 
-    def _log_run_start(self, run: RunState):
+    def _log_run_start(self, run: RunState, resampling: bool = False):
         cfg = self.cfg
+        levels = plan_has_levels(cfg) and cfg.variable_denoise != "off"
+        if ni.ascending(run.sigmas):
+            log.info("%s noise inversion (ascending sigmas)%s", P,
+                     ": each tile is inverted up to its own denoise (active in its first round(d*n) steps)"
+                     if levels else "")
+        elif resampling:
+            log.info("%s resampling this model's last inversion%s", P,
+                     ": per-tile denoise takes the image that was inverted as its source" if levels else "")
         if cfg.layout is None and cfg.skip_below <= 0:
             return
         if cfg.variable_denoise != "off" and cfg.layout is not None:

@@ -24,6 +24,7 @@ import threading
 import torch
 
 from . import model_families as mf
+from . import noise_inversion as ni
 from . import reference_latents as refs
 from . import regional
 from . import spot_diffusion as sd
@@ -81,6 +82,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts):
         self._plans: dict = {}      # plans by canvas/device/dtype/item (bounded), reused by later runs
         self._largest: dict = {}    # largest window per canvas, for memory planning
         self._warned_no_run = False
+        self.inversions = ni.Inversions()     # the last inversion's source and result (noise_inversion.py)
         # ComfyUI's multi-GPU path calls the wrapper from one thread per device: the shared plan
         # cache is updated under a lock (per-device plans themselves are used by one thread)
         self._lock = threading.Lock()
@@ -130,7 +132,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts):
         coeffs = self._coefficients(plan, run, step, n, src, x)
         if self.cfg.variable_denoise == "scale" and run is not None and run.once("scale"):
             d = min(dd for dd, _ in plan.levels)
-            p = vd.progress(step, n)
+            p = vd.progress(ni.mirrored_step(step, n, run.sigmas), n)
             log.info("%s SMOOTH SCALING - tile_denoise=%.3f, progress=%.3f, start_scale=%.3f, scale=%.3f",
                      PV, d, p, vd.scale_start(d), vd.scale_alpha(d, p))
         active = {lvl for lvl, (a, _) in enumerate(coeffs) if a > 0}
@@ -165,7 +167,10 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts):
 
     # ---- helpers
     def _coefficients(self, plan: Plan, run, step: int, n: int, src, x) -> list:
-        """Per level of the plan, this step's (a, b) of variable denoise; all (1, 1) without a source."""
+        """Per level of the plan, this step's (a, b) of variable denoise; all (1, 1) without a source.
+        Ascending sigmas (an inversion) read the steps backwards (noise_inversion.py)."""
+        if run is not None:
+            step = ni.mirrored_step(step, n, run.sigmas)
         coeffs = [vd.tile_coefficients(self.cfg.variable_denoise if plan_has_levels(self.cfg) else "off",
                                        d, sk, step, n) for d, sk in plan.levels]
         if src is None and any(a != 1.0 or b != 1.0 for a, b in coeffs):
