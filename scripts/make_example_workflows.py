@@ -63,6 +63,10 @@ WIDGETS = {
                                 "split_conds_to_windows"],
     "CreateVideo": ["fps", "bit_depth"],
     "SaveVideo": ["filename_prefix", "format", "codec"],
+    "BasicScheduler": ["scheduler", "steps", "denoise"],
+    "FlipSigmas": [],
+    "KSamplerSelect": ["sampler_name"],
+    "SamplerCustom": ["add_noise", "noise_seed", "cfg"],
 }
 # Widgets that take a link instead of their value (the frontend gives every widget an input slot).
 WIDGET_TYPES = {("CLIPTextEncode", "text"): "STRING", ("StringConcatenate", "string_a"): "STRING",
@@ -99,6 +103,11 @@ INPUTS = {
     "WanContextWindowsManual": [("model", "MODEL")],
     "CreateVideo": [("images", "IMAGE"), ("audio", "AUDIO")],
     "SaveVideo": [("video", "VIDEO")],
+    "BasicScheduler": [("model", "MODEL")],
+    "FlipSigmas": [("sigmas", "SIGMAS")],
+    "KSamplerSelect": [],
+    "SamplerCustom": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                      ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
 }
 OPTIONAL_INPUTS = {("QuadtreeDiffusion", "quadtree"), ("ControlNetApplyAdvanced", "vae"), ("TextGenerate", "image"),
                    ("CreateVideo", "audio")}
@@ -130,6 +139,10 @@ OUTPUTS = {
     "WanContextWindowsManual": [("MODEL", "MODEL")],
     "CreateVideo": [("VIDEO", "VIDEO")],
     "SaveVideo": [],
+    "BasicScheduler": [("SIGMAS", "SIGMAS")],
+    "FlipSigmas": [("SIGMAS", "SIGMAS")],
+    "KSamplerSelect": [("SAMPLER", "SAMPLER")],
+    "SamplerCustom": [("output", "LATENT"), ("denoised_output", "LATENT")],
 }
 # Outputs that are lists (the frontend draws them with shape 6).
 LIST_OUTPUTS = {("QuadtreeTileCrops", "crops")}
@@ -316,6 +329,8 @@ DISPLAY = {
     "UNETLoader": "Load Diffusion Model", "VAELoader": "Load VAE", "LoadVideo": "Load Video",
     "GetVideoComponents": "Get Video Components", "ModelSamplingSD3": "ModelSamplingSD3",
     "WanContextWindowsManual": "Wan Context Windows", "CreateVideo": "Create Video", "SaveVideo": "Save Video",
+    "BasicScheduler": "BasicScheduler", "FlipSigmas": "FlipSigmas", "KSamplerSelect": "KSamplerSelect",
+    "SamplerCustom": "SamplerCustom",
 }
 
 # Quadtree VAE Encode / Decode, exact (equal to the untiled VAE); 1024-px tiles fit GPUs of 8 GB and more.
@@ -538,8 +553,49 @@ def wan_video_upscale_context_windows() -> Graph:
     return g
 
 
+def quadtree_noise_inversion_upscale() -> Graph:
+    g = Graph("quadtree_noise_inversion_upscale", "Quadtree upscale by noise inversion",
+              "Upscale a photo, invert it to noise through the tiled model (Flip Sigmas + SamplerCustom: each "
+              "quadtree tile only up to its own denoise), then resample that noise with the prompt: the result "
+              "keeps the photo's structure more closely than adding fresh noise.")
+    n = _upscale_start(g, SD15, 0.2, 0.6, "quadtree/inversion_visualisation")
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (760, 520), (300, 130), **VAE_ENCODE)
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 270), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
+                tile_width=1024, tile_height=1024)
+    sched = g.node("BasicScheduler", (880, 360), (300, 106), scheduler="normal", steps=24, denoise=1.0)
+    flip = g.node("FlipSigmas", (880, 500), (200, 30))
+    sampler = g.node("KSamplerSelect", (880, 570), (300, 58), sampler_name="euler")
+    invert = g.node("SamplerCustom", (1260, 40), (320, 230), title="Invert: image to noise", add_noise=False,
+                    noise_seed=0, cfg=1.0)
+    resample = g.node("SamplerCustom", (1260, 320), (320, 230), title="Resample the inverted noise", add_noise=False,
+                      noise_seed=0, cfg=7.0)
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1620, 320), (300, 110), **VAE_DECODE)
+    save = g.node("SaveImage", (1620, 480), (420, 470), title="Save upscaled image",
+                  filename_prefix="quadtree/inversion_upscale")
+    g.link(n["up"], "IMAGE", enc, "pixels")
+    g.link(n["ckpt"], "VAE", enc, "vae")
+    g.link(n["ckpt"], "MODEL", qd, "model")
+    g.link(n["vis"], "quadtree", qd, "quadtree")
+    g.link(qd, "MODEL", sched, "model")
+    g.link(sched, "SIGMAS", flip, "sigmas")
+    for node, sigmas, latent, positive in ((invert, (flip, "SIGMAS"), (enc, "LATENT"), n["neg"]),
+                                           (resample, (sched, "SIGMAS"), (invert, "output"), n["pos"])):
+        g.link(qd, "MODEL", node, "model")       # one tiled model: the resampling finds its inversion
+        g.link(positive, "CONDITIONING", node, "positive")
+        g.link(n["neg"], "CONDITIONING", node, "negative")
+        g.link(sampler, "SAMPLER", node, "sampler")
+        g.link(*sigmas, node, "sigmas")
+        g.link(*latent, node, "latent_image")
+    g.link(resample, "output", dec, "samples")
+    g.link(n["ckpt"], "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+    g.group("Inversion, then resampling", (860, 0, 740, 620), "#8a5a9e")
+    return g
+
+
 WORKFLOWS = [quadtree_img2img_upscale, grid_txt2img_large, spotdiffusion_txt2img, quadtree_upscale_tile_controlnet,
-             quadtree_upscale_tile_prompts, wan_video_upscale_context_windows]
+             quadtree_upscale_tile_prompts, wan_video_upscale_context_windows, quadtree_noise_inversion_upscale]
 
 
 def write_all(out_dir: str = OUT) -> list[str]:
@@ -659,6 +715,7 @@ def write_thumbnails(out_dir: str = OUT) -> list[str]:
         "grid_txt2img_large": lambda: _grid_thumb(2048, 1024, 1024, 128),
         "spotdiffusion_txt2img": lambda: _grid_thumb(3072, 1024, 1024, 0, shifted=True),
         "wan_video_upscale_context_windows": lambda: _video_thumb(1664, 960, 832, 480, 64),
+        "quadtree_noise_inversion_upscale": lambda: _quadtree_thumb(0.2, 0.6),
     }
     written = []
     for name, make in thumbs.items():

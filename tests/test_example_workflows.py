@@ -36,7 +36,8 @@ WF_DIR = os.path.join(REPO, "example_workflows")
 UI_FILES = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 EXPECTED = {"quadtree_img2img_upscale", "grid_txt2img_large", "spotdiffusion_txt2img",
-            "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts", "wan_video_upscale_context_windows"}
+            "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts", "wan_video_upscale_context_windows",
+            "quadtree_noise_inversion_upscale"}
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"   # a V3 combo whose chosen option brings its own inputs (ComfyUI 0.8+)
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -395,7 +396,7 @@ def shrink(prompt: dict, image_name: str, steps: int, video_name: str | None = N
         elif ct == "QuadtreeDiffusion":
             inp["tile_width"], inp["tile_height"] = max(64, inp["tile_width"] // 8), max(64, inp["tile_height"] // 8)
             inp["tile_overlap"] = inp["tile_overlap"] // 8 // 8 * 8
-        elif ct == "KSampler":
+        elif ct in ("KSampler", "BasicScheduler"):
             inp["steps"] = steps
         elif ct == "SaveImage":
             inp["filename_prefix"] = "example_wf/" + inp["filename_prefix"].split("/")[-1]
@@ -446,6 +447,8 @@ RUNS = {
     "quadtree_upscale_tile_prompts": ("local", 3, {"tile_prompts_upscale": (128, 128),
                                                    "tile_prompts_visualisation": (128, 128)}, True),
     "wan_video_upscale_context_windows": ("tiny_wan", 2, {}, False),
+    "quadtree_noise_inversion_upscale": ("local", 3, {"inversion_upscale": (128, 128),
+                                                      "inversion_visualisation": (128, 128)}, True),
 }
 
 
@@ -477,9 +480,12 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
             assert "Context window" in log or "context windows" in log.lower(), log[-3000:]
 
     runs = [tuple(map(int, m.groups())) for m in RUN_DONE.finditer(log)]
-    assert len(runs) == 1, f"expected one tiled sampling run in the log, got {runs}:\n{log[-3000:]}"
-    calls, evaluations = runs[0]
-    assert calls >= steps and evaluations > calls, (calls, evaluations)  # several tiles per call
+    samplers = sum(n["class_type"] in ("KSampler", "SamplerCustom") for n in prompt.values())
+    assert len(runs) == samplers, f"expected {samplers} tiled sampling run(s) in the log, got {runs}:\n{log[-3000:]}"
+    for calls, evaluations in runs:
+        assert calls >= steps and evaluations > calls, (calls, evaluations)  # several tiles per call
+    if samplers == 2:       # the inversion example: its resampling found the inversion
+        assert "noise inversion (ascending sigmas)" in log and "resampling this model's last inversion" in log
     if "quadtree" in name:
         assert "quadtree of 128x128px" in log
 
