@@ -24,9 +24,9 @@ def batchable(run, c: dict, n_chunks: int, N: int) -> bool:
     to = c.get("transformer_options", {})
     if c.get("control") is not None or to.get("patches") or tcond.chunk_prompts(run, to, n_chunks) is not None:
         return False
-    spatial = []
+    spatial = []        # any image-like input (a hint, a concat latent, a reference image) may depend on the window
     map_tensors({k: v for k, v in c.items() if k != "transformer_options"},
-                lambda v: spatial.append(torch.is_tensor(v) and v.ndim >= 4 and v.shape[0] == N) or v)
+                lambda v: spatial.append(torch.is_tensor(v) and v.ndim >= 4) or v)
     return not any(spatial)
 
 
