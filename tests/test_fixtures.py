@@ -276,7 +276,7 @@ def test_fixture_nodes_package_in_process(tmp_path):
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
     loader = mod.NODE_CLASS_MAPPINGS["QTDTestCheckpointLoader"]
-    assert loader.INPUT_TYPES()["required"]["kind"][0] == ["tiny_sd15", "local", "local_inpaint"]
+    assert loader.INPUT_TYPES()["required"]["kind"][0] == ["tiny_sd15", "local", "local_inpaint", "tiny_wan"]
     model, clip, vae = fx.call_node(loader, kind="local", seed=3)
     assert isinstance(model, comfy.model_patcher.ModelPatcher)
     assert model.receptive_radius == 3
