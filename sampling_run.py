@@ -218,8 +218,8 @@ class SamplingRun:
         log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
                  "skip (of %d for all tiles at every call)%s; %s", P, s["calls"], s["tiles"],
                  s["schedule_saved"], s["skip_saved"], s["full"],
-                 f"; mask prompts: {s['mask_apart']} window evaluations in calls of their own, {s['mask_saved']} "
-                 f"saved where their mask is 0" if s["mask_saved"] else "", run_calls(run))
+                 f"; mask prompts: {s['mask_apart']} window evaluations in calls without every prompt's rows, "
+                 f"{s['mask_saved']} saved where their mask is 0" if s["mask_saved"] else "", run_calls(run))
 
     def _log_plan(self, plan: Plan, run: RunState, item: int = 0):
         cfg = self.cfg
