@@ -260,8 +260,7 @@ def _unknown_patch_probe(report):
     unknown = sorted(n for n, c in _patch_classes().items()
                      if n not in KNOWN_PATCHES and not callable(getattr(c, "spatial_crop_inputs", None)))
     if unknown:
-        return None, (f"ComfyUI has model {_plural(unknown, 'patch', 'patches')} the tiler does not know: "
-                      f"{', '.join(unknown)}")
+        return None, f"ComfyUI has model-patch classes the tiler does not know ({', '.join(unknown)})"
     return None, None
 
 
@@ -307,7 +306,7 @@ FEATURES = (
             affects=f"Quadtree Diffusion's per-tile denoise and skip (tiles run at full strength, logged), {_PROMPTS}, "
                     f"{_REGIONS}",
             still="tiled sampling with every method, per-tile ControlNet, model patches",
-            handled="Quadtree Diffusion's SAMPLER_SAMPLE wrapper passes them on unchanged"),
+            handled="Quadtree Diffusion's SAMPLER_SAMPLE wrapper passes new parameters on unchanged"),
     Feature("prepare_sampling", after=("keyed_wrappers",),
             needs=("comfy.patcher_extension:WrappersMP.PREPARE_SAMPLING",),
             sigs=(Sig("comfy.sampler_helpers:prepare_sampling", ("model", "noise_shape", "conds"),
@@ -315,13 +314,13 @@ FEATURES = (
             affects=("Quadtree Diffusion's memory planning (ComfyUI plans memory for the whole canvas, so it may "
                      "offload more) and its refusal, before sampling, of latents it cannot tile"),
             still="tiled sampling with every option",
-            handled="Quadtree Diffusion's PREPARE_SAMPLING wrapper passes them on unchanged"),
+            handled="Quadtree Diffusion's PREPARE_SAMPLING wrapper passes new parameters on unchanged"),
     Feature("calc_cond_batch", after=("keyed_wrappers",),
             needs=("comfy.patcher_extension:WrappersMP.CALC_COND_BATCH",),
             sigs=(Sig("comfy.samplers:_calc_cond_batch", ("model", "conds", "x_in", "timestep", "model_options")),),
             affects=f"{_CANVAS_CONTROL}, {_PROMPTS}, {_REGIONS}",
             still="tiled sampling with per-tile denoise, skip, SpotDiffusion and model patches",
-            handled="Quadtree Diffusion's CALC_COND_BATCH wrappers pass them on unchanged"),
+            handled="Quadtree Diffusion's CALC_COND_BATCH wrappers pass new parameters on unchanged"),
     Feature("tile_prompts",
             needs=("comfy.sampler_helpers:convert_cond", "comfy.samplers:encode_model_conds",
                    "comfy.conds:CONDCrossAttn.concat", "comfy.conds:CONDCrossAttn.process_cond"),
@@ -337,7 +336,7 @@ FEATURES = (
                       ("x_noisy", "t", "cond", "batched_number", "transformer_options")),),
             probe=_control_probe,
             affects=_CANVAS_CONTROL, still="tiled sampling with ControlNet, every other node",
-            handled="per-tile control passes them on unchanged"),
+            handled="per-tile control passes new parameters on unchanged"),
     Feature("controlnet_cache", after=("controlnet",), probe=_control_cache_probe,
             affects="", still="",
             handled="each tile's private copy of a control starts with them empty, so every tile prepares its own crop"),
@@ -348,8 +347,8 @@ FEATURES = (
     Feature("patch_crop", probe=_patch_crop_probe, affects="", still="",
             handled="the tiler uses it to give each tile its crop"),
     Feature("patch_classes", probe=_unknown_patch_probe, affects="", still="",
-            handled="passed on unchanged to every tile (a spatial control in them is not cropped per tile; named once "
-                    "per run when used)"),
+            handled="Quadtree Diffusion passes such patches on unchanged to every tile (a control image in them is "
+                    "not cropped per tile; named once per run when used)"),
     Feature("vae_graph",
             needs=("comfy.ldm.models.autoencoder:AutoencodingEngine", "comfy.ldm.models.autoencoder:AutoencodingEngineLegacy",
                    "comfy.ldm.models.autoencoder:EmptyRegularizer",
@@ -484,8 +483,8 @@ def log_report() -> Report:
     for f in rep.findings:
         log.log(logging.WARNING if f.missing else logging.INFO, f.line())
     n_missing = sum(1 for f in rep.findings if f.missing)
-    n_changed = len(rep.findings) - n_missing
-    state = "all as expected" if not rep.findings else f"{n_missing} missing or changed, {n_changed} changed and handled"
+    counts = [(n_missing, "missing or changed"), (len(rep.findings) - n_missing, "changed and handled")]
+    state = ", ".join(f"{n} {what}" for n, what in counts if n) + " (lines above)" if rep.findings else "all as expected"
     log.info("%s %d ComfyUI features checked: %s", TAG, rep.checked + 1, state)
     return rep
 

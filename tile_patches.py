@@ -220,7 +220,7 @@ def tile_row_patch(p, dim: int, tb, per_tile: int, canvas_rows: int):
 
 def patch_name(p) -> str:
     """The name of a patch's class (of a patch function: its own) for a log line."""
-    return p.__qualname__ if inspect.isfunction(p) or inspect.ismethod(p) else type(p).__qualname__
+    return p.__qualname__ if inspect.isfunction(p) or inspect.ismethod(p) else type(p).__name__
 
 
 def tile_patch(p, tb, xt: torch.Tensor, cache: dict, compression: int):
