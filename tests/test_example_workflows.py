@@ -9,9 +9,11 @@
 * ComfyUI's template browser lists exactly the UI forms (``GET /workflow_templates``) and serves
   them and their thumbnails (``/api/workflow_templates/<pack folder>/<name>.json`` / ``.jpg``);
 * every API form runs (``POST /prompt``) with fixture nodes standing in for the checkpoint and
-  ControlNet loaders and for the captioner (``QTDTestCaptioner`` for ComfyUI's Generate Text,
+  ControlNet loaders, for a model template's split loaders (UNETLoader / CLIPLoader / VAELoader:
+  a tiny model of the family from ``tests/families.py`` that logs what each call is given, the
+  fixture CLIP and a tiny real VAE with the family's latent) and for the captioner (``QTDTestCaptioner`` for ComfyUI's Generate Text,
   whose model cannot be downloaded here) and with CPU-sized canvases and step counts, and the engine's log shows that
-  the sampling was tiled; the Quadtree VAE nodes run exactly with a real (tiny) ComfyUI VAE
+  the sampling was tiled (in the Flux.2 Klein edit upscale, with the reference image cropped to every tile); the Quadtree VAE nodes run exactly with a real (tiny) ComfyUI VAE
   (``QTDTestVAELoader``, in the img2img upscale) and fall back to ComfyUI's tiled VAE, with their
   log line, with the checkpoint fixture's stand-in VAE (the other workflows).
 """
@@ -35,7 +37,7 @@ WF_DIR = os.path.join(REPO, "example_workflows")
 UI_FILES = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 EXPECTED = {"quadtree_img2img_upscale", "grid_txt2img_large", "spotdiffusion_txt2img",
-            "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts"}
+            "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts", "flux2_klein_edit_upscale"}
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"   # a V3 combo whose chosen option brings its own inputs (ComfyUI 0.8+)
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -45,6 +47,7 @@ PROMPT_TIMEOUT = 300
 RUN_DONE = re.compile(r"\[Quadtree Diffusion\] run done: (\d+) model calls, (\d+) tile evaluations")
 VAE_LINE = re.compile(r"\[Quadtree VAE\] [^\n]*")
 VAE_NODES = ("VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion")
+FRONTEND_ONLY = ("MarkdownNote", "Note")   # nodes of the frontend only: not in /object_info, not in the API form
 
 
 def load(path):
@@ -161,6 +164,10 @@ def validate_ui(wf: dict, object_info: dict) -> list:
             if key not in n:
                 errs.append(f"node {n.get('id')}: missing {key!r}")
         label = f"node {n.get('id')} ({n.get('type')})"
+        if n.get("type") in FRONTEND_ONLY:
+            if n.get("inputs") or n.get("outputs") or not all(isinstance(v, str) for v in n.get("widgets_values", [])):
+                errs.append(f"{label}: a note has no inputs or outputs, only its text")
+            continue
         info = object_info.get(n.get("type"))
         if info is None:
             errs.append(f"{label}: unknown node type")
@@ -241,7 +248,7 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
     out = {}
     links = {l[0]: l for l in wf["links"]}
     for n in wf["nodes"]:
-        if n.get("mode", 0) != 0:
+        if n.get("mode", 0) != 0 or n["type"] in FRONTEND_ONLY:
             continue
         info = object_info[n["type"]]
         inputs = {}
@@ -335,7 +342,9 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, const
     """Fixture nodes for the loaders that need files that do not exist here (outputs map 1:1) and
     for the captioner (``QTDTestCaptioner``: a caption from each crop's colour and size, or the
     same caption for all with ``constant_captions``); with ``real_vae`` the checkpoint's VAE
-    output is replaced by a tiny real ComfyUI VAE."""
+    output is replaced by a tiny real ComfyUI VAE. The split loaders of a model template
+    (UNETLoader, CLIPLoader, VAELoader) become the tiny model of family ``checkpoint_kind``
+    (tests/families.py), the fixture CLIP and a tiny real VAE with that family's latent."""
     p = copy.deepcopy(prompt)
     ckpts = set()
     for nid, node in p.items():
@@ -348,8 +357,17 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, const
             node["class_type"] = "QTDTestCaptioner"
             node["inputs"] = {"image": node["inputs"]["image"], "prompt": node["inputs"]["prompt"],
                               "constant": constant_captions}
+        elif node["class_type"] == "UNETLoader":
+            node["class_type"], node["inputs"] = "QTDTestUNETLoader", {"family": checkpoint_kind}
+        elif node["class_type"] == "VAELoader":
+            node["class_type"] = "QTDTestVAELoader"
+            node["inputs"] = {"seed": 0, "latent": FAMILY_VAE_LATENT[checkpoint_kind]}
+    used = {v[0] for node in p.values() for v in node["inputs"].values() if isinstance(v, list)}
     for nid in [k for k, v in p.items() if v["class_type"] == "CLIPLoader"]:
-        del p[nid]      # the captioning model's loader (only the captioner used it)
+        if nid in used:     # a text encoder
+            p[nid] = {"class_type": "QTDTestCLIPLoader", "inputs": {}}
+        else:
+            del p[nid]      # the captioning model's loader (only the captioner used it)
     if real_vae:
         for node in p.values():
             for name, value in node["inputs"].items():
@@ -375,7 +393,7 @@ def shrink(prompt: dict, image_name: str, steps: int) -> dict:
         elif ct == "QuadtreeDiffusion":
             inp["tile_width"], inp["tile_height"] = max(64, inp["tile_width"] // 8), max(64, inp["tile_height"] // 8)
             inp["tile_overlap"] = inp["tile_overlap"] // 8 // 8 * 8
-        elif ct == "KSampler":
+        elif ct in ("KSampler", "Flux2Scheduler"):
             inp["steps"] = steps
         elif ct == "SaveImage":
             inp["filename_prefix"] = "example_wf/" + inp["filename_prefix"].split("/")[-1]
@@ -407,7 +425,34 @@ RUNS = {
                                                           "tile_cn_visualisation": (128, 128)}, False),
     "quadtree_upscale_tile_prompts": ("local", 3, {"tile_prompts_upscale": (128, 128),
                                                    "tile_prompts_visualisation": (128, 128)}, True),
+    # split loaders: the tiny Flux.2 (128-channel latent, 16x) and a tiny real VAE with Flux.2's latent
+    "flux2_klein_edit_upscale": ("Flux2", 3, {"klein_edit_upscale": (128, 128),
+                                              "klein_edit_visualisation": (128, 128)}, True),
 }
+# The latent of the fixture VAE that stands in for a family's VAELoader.
+FAMILY_VAE_LATENT = {"Flux2": "flux2"}
+
+
+# What QTDTestUNETLoader's probe logs for each diffusion-model call (tests/fixture_nodes/split_loaders_fixture.py).
+PROBE = re.compile(r"\[QTD fixture probe\] \w+ call: (\d+) rows of (\d+)x(\d+) latent px; references (.*)")
+PROBE_REF = re.compile(r"(\d+)x(\d+) \((\d+) distinct rows\)")
+
+
+def references_cropped_per_tile(log: str, calls: int, canvas: int = 128 // 16):
+    """The edit-model example (Flux.2, 16x): every tile batch the model was given carries the reference
+    (ReferenceLatent on the prompt; cfg 1 evaluates the positive only) cropped to the tile (reference_mode
+    'crop to tile'), each tile its own crop, and the tiles are smaller than the canvas."""
+    probes = [(int(m[1]), (int(m[2]), int(m[3])), [(int(r[1]), int(r[2]), int(r[3])) for r in PROBE_REF.finditer(m[4])])
+              for m in PROBE.finditer(log)]
+    assert len(probes) >= calls, (calls, log[-3000:])
+    for rows, size, refs in probes:
+        assert max(size) < canvas, (size, canvas)                  # a tile, not the canvas
+        assert [(w, h) for w, h, _ in refs] == [size], (size, refs)    # one reference, the tile's crop of it
+        assert refs[0][2] == rows, (rows, refs)                        # each tile its own crop
+    assert sum(rows for rows, _, _ in probes) > len(probes)        # tiles batched: several crops per call
+
+
+RUN_CHECKS = {"flux2_klein_edit_upscale": references_cropped_per_tile}
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
@@ -434,8 +479,11 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
     assert len(runs) == 1, f"expected one tiled sampling run in the log, got {runs}:\n{log[-3000:]}"
     calls, evaluations = runs[0]
     assert calls >= steps and evaluations > calls, (calls, evaluations)  # several tiles per call
-    if "quadtree" in name:
+    if any(n["class_type"] == "QuadtreeVisualizer" for n in prompt.values()):
         assert "quadtree of 128x128px" in log
+
+    if name in RUN_CHECKS:
+        RUN_CHECKS[name](log, calls)
 
     # one log line per Quadtree VAE node: exact with the real VAE, ComfyUI's tiled VAE otherwise
     vae_nodes = [n["class_type"] for n in prompt.values() if n["class_type"] in VAE_NODES]
