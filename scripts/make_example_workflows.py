@@ -560,8 +560,6 @@ def flux2_klein_edit_upscale() -> Graph:
     g = Graph("flux2_klein_edit_upscale", "Flux.2 Klein edit-model upscale in quadtree tiles",
               "ComfyUI's Flux.2 Klein 4B image-edit template as a tiled upscaler: the upscaled image is both the "
               "latent and the reference image, and every quadtree tile meets the part of the reference under it.")
-    g.node("MarkdownNote", (-560, 40), (540, 980), title="Read me: models and what this workflow does",
-           color=("#222", "#000"), text=KLEIN_NOTE)
     unet = g.node("UNETLoader", (40, 60), (340, 82), unet_name=KLEIN_UNET, weight_dtype="default")
     clip = g.node("CLIPLoader", (40, 180), (340, 106), clip_name=KLEIN_TEXT, type="flux2", device="default")
     vae = g.node("VAELoader", (40, 330), (340, 58), vae_name=KLEIN_VAE)
@@ -570,9 +568,9 @@ def flux2_klein_edit_upscale() -> Graph:
     pos = g.node("CLIPTextEncode", (420, 40), (420, 160), title="CLIP Text Encode (Positive Prompt)",
                  color=("#232", "#353"), text=EDIT_PROMPT)
     neg = g.node("ConditioningZeroOut", (420, 250), (260, 26))
-    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (880, 620), (300, 130), **VAE_ENCODE)
-    ref_pos = g.node("ReferenceLatent", (880, 400), (260, 46), title="ReferenceLatent (positive)")
-    ref_neg = g.node("ReferenceLatent", (880, 500), (260, 46), title="ReferenceLatent (negative)")
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (880, 660), (300, 130), **VAE_ENCODE)
+    ref_pos = g.node("ReferenceLatent", (880, 440), (260, 46), title="ReferenceLatent (positive)")
+    ref_neg = g.node("ReferenceLatent", (880, 540), (260, 46), title="ReferenceLatent (negative)")
     qd = g.node("QuadtreeDiffusion", (880, 40), (340, 294), method="Mixture of Diffusers", enable_overlap=True,
                 tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
                 tile_width=1024, tile_height=1024, reference_mode="crop to tile")
@@ -604,7 +602,9 @@ def flux2_klein_edit_upscale() -> Graph:
     g.link(sca, "output", dec, "samples")
     g.link(vae, "VAE", dec, "vae")
     g.link(dec, "IMAGE", save, "images")
-    g.group("Edit model: the upscaled image is its own reference", (860, 360, 340, 420), "#8a5a9e")
+    g.group("Reference: the upscaled image", (860, 390, 340, 430), "#8a5a9e")
+    g.node("MarkdownNote", (1260, 580), (700, 520), title="Read me: models and what this workflow does",
+           color=("#222", "#000"), text=KLEIN_NOTE)
     return g
 
 
