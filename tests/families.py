@@ -81,7 +81,6 @@ POSITIONAL = {
                      "HunyuanVideo15", "HunyuanVideo15_SR_Distilled", "HunyuanImage21Refiner", "CosmosI2V",
                      "WAN21_I2V", "WAN21_FunControl2V", "WAN22_WanDancer", "CogVideoX_I2V", "CogVideoX_Inpaint"],
                     ("c_concat",)),
-    "HiDream": ("image_cond",),                                         # HiDream-E1: the source, beside x in width
     "CosmosI2VPredict2": ("c_concat", "t"),                             # t per frame: the mask's mean
     "WAN22_T2V": ("t",),                                                # (with a noise mask) t per frame
     "LTXV": ("t",),                                                     # t per token: the mask times t
@@ -335,9 +334,8 @@ def _hidream(cls):
                text_emb_dim=64, num_routed_experts=2, num_activated_experts=1, axes_dims_rope=[16, 8, 8],
                max_resolution=[128, 128], llama_layers=[0, 1])
     m = build(cls, cfg)
-    # HiDream-E1 editing: the source image's latent (image_cond), placed beside the latent by the model
-    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20),
-                     concat_latent_image=coded(1, 16, 16, 16))
+    # (HiDream-E1's source image, placed beside the latent, takes full-width tiles: test_positional_inputs.py)
+    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20))
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
 

@@ -8,6 +8,8 @@ family's own treatment, each through ComfyUI's real KSampler:
 * FLUX's ``attention_mask`` (StyleModelApply's ``attn_bias`` with Redux): a [B, L, L] bias over the text
   tokens then the canvas's tokens; each tile gets the rows and columns of the text and of its own tokens,
   coordinate-coded so every entry says which (query, key) pair of the canvas it is;
+* HiDream-E1's source image (``image_cond``, beside the latent: ids offset by the canvas's width) takes
+  full-width tiles, and narrower ones are refused with a clear error before the model runs;
 * LTXV guide frames (``keyframe_idxs``) are refused with a clear error before the model runs, and a window
   that is the whole canvas still samples them (one tile == untiled);
 * inputs that are never a picture (``audio_embed``) are never cropped, even with the canvas's proportions;
@@ -115,6 +117,41 @@ def test_flux_attention_mask_rows_and_columns_of_each_tile(pack, fx, layout):
             seen.add((y0, x0))
     assert len(seen) > 2
     # one window over the canvas: the mask as it is, bit for bit
+    one = step(tiled(pack, fx, t.model, tile_width=W * 8, tile_height=H * 8, tile_overlap=0), pos, neg, t.latent)
+    assert torch.equal(one, ref)
+
+
+# --------------------------------------------------------------------------- HiDream-E1 source image
+
+def test_hidream_e1_source_beside_the_canvas_needs_full_width_tiles(pack, fx):
+    """HiDream-E1 concatenates its source latent (``image_cond``) to the right of the latent, so the source
+    token at canvas (Y, X) has the id (Y, W + X): its offset is the canvas's width, and a narrower tile would
+    give it its own width instead (ComfyUI's HiDream has no hook to move ids).  Tiles narrower than the canvas
+    are refused with a clear error before the model runs; full-width tiles (splitting the height) get the
+    source's rows at their place, where the offset is the canvas's; one window over the canvas: bit for bit."""
+    t = fam.tiny("HiDream")
+    H, W = t.latent.shape[-2:]
+    src = {"concat_latent_image": fam.coded(1, 16, H, W)}
+    pos, neg = (node_helpers.conditioning_set_values(c, src) for c in (t.positive, t.negative))
+    dm = t.model.model.diffusion_model
+    with Inputs(dm) as rec:
+        with pytest.raises(ValueError, match=r"image_cond: HiDream-E1's source image .* tile_width"):
+            step(tiled(pack, fx, t.model, tile_width=64, tile_height=64, tile_overlap=32), pos, neg, t.latent)
+    assert not rec.calls, "the model ran before the refusal"
+    with Inputs(dm) as canvas:
+        ref = step(t.model, pos, neg, t.latent)
+    (cx, ck), = canvas.calls
+    with Inputs(dm) as rec:
+        step(tiled(pack, fx, t.model, tile_width=W * 8, tile_height=64, tile_overlap=32), pos, neg, t.latent)
+    seen = set()
+    for x, k in rec.calls:
+        n = x.shape[0] // cx.shape[0]
+        for r in range(x.shape[0]):
+            y0, x0 = place(x[r], cx[r // n])
+            h = x.shape[-2]
+            assert x.shape[-1] == W and torch.equal(k["image_cond"][r], ck["image_cond"][r // n][:, y0:y0 + h])
+            seen.add(y0)
+    assert len(seen) > 1
     one = step(tiled(pack, fx, t.model, tile_width=W * 8, tile_height=H * 8, tile_overlap=0), pos, neg, t.latent)
     assert torch.equal(one, ref)
 
