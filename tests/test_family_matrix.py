@@ -11,6 +11,11 @@ weights) and it is sampled through ComfyUI's KSampler:
   shape, and every model input a tile the model takes without padding: a multiple of its latent
   patch on both sides, at least its minimum tile size, with channels and frames untouched.
 
+Every input a family relates to the canvas by place (``families.POSITIONAL``: masks, concat latents,
+control / pose / camera / motion frames, per-token and per-frame timesteps, inputs the model resamples)
+is coordinate-coded, and every row of every tiled call must receive it where the canvas call has it at
+the row's canvas place (:func:`test_positional_inputs_meet_each_tile_where_the_canvas_does`).
+
 Families that cannot be image/video-tiled at all are excluded in ``families.EXCLUDED`` with the
 reason; each exclusion's premise is checked here.  The named families of the issue (Qwen-Image,
 Flux.2, Z-Image, HiDream, Chroma, Anima/Cosmos Predict2, HunyuanImage 2.1, LTXV, Wan 2.2) also run
