@@ -10,6 +10,8 @@ nothing:
   (SeedVR2's ``vid_in``), or do it with a ``PixelUnshuffle`` as the first layer of their input
   ``embedding`` (Stable Cascade stage B: 4).  Tiles are aligned to it so the model never pads a tile
   (Cosmos refuses unaligned sizes; most others pad silently).
+* **tile alignment** (:func:`tile_align`): the patch, or more where another token stream of the
+  model is coarser (SCAIL's half-resolution pose: 4 latent px; Wan S2V's motion frames: 8).
 * **minimum tile** (:func:`min_tile`): PixArt's positional embedding divides by
   ``round((h + w) / 2 / 64)`` (latent px; Python rounds half to even), zero for tiles under 33 latent
   px on average: smaller tiles are enlarged.
@@ -17,7 +19,10 @@ nothing:
   the canvas's size, :data:`WHOLE_KEYS`) and which are spatial at another scale that the model
   resamples to its token grid (:data:`RESAMPLED`: Stable Cascade stage B's ``effnet``, PixelDiT
   PiD's ``lq_latent``): resampling them to the canvas's token grid once, as the model would, makes
-  each tile's crop exactly what the model makes of it for that tile.
+  each tile's crop exactly what the model makes of it for that tile.  Inputs that are never a
+  picture (audio features, a reference's vision tokens) are named (:data:`NOT_SPATIAL`) so that one
+  with the canvas's proportions by chance is never cropped.  Inputs a crop gets wrong (per-frame
+  mask means, token masks, guide lists) are handled in positional_inputs.py.
 * **untileable** (:data:`UNTILEABLE`): a family whose conditioning encodes the canvas's token layout
   is refused with a clear error (:func:`check_tileable`) instead of failing inside the model; so is a
   run whose ``transformer_options`` carry state of the whole canvas across calls
@@ -25,7 +30,11 @@ nothing:
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from . import positional_inputs as pi
 
 # Model inputs that are context for the whole picture, never a canvas: given whole to every tile
 # (repeated per tile row), even when their last two dims happen to have the canvas's proportions.
@@ -37,6 +46,13 @@ import torch
 #   clip_fea             CLIP-vision tokens (Wan, HunyuanVideo 1.5)
 WHOLE_KEYS = frozenset({"ref_latents", "reference_latent", "encoder_hidden_states_llama3", "face_pixel_values",
                         "clip_fea"})
+
+# Model inputs that are never a picture (audio features, vision tokens of a reference): repeated per tile row,
+# named so that one whose last two dims happen to have the canvas's proportions is never cropped as a canvas.
+#   audio_embed          Wan S2V / HuMo / WanDancer audio features ([B, layers, dim, frames] and the like)
+#   clip_fea_ref         CLIP-vision tokens of WanDancer's reference image
+#   siglip_feats         SigLIP tokens of Z-Image Omni's reference images ([B, h/16, w/16, C] per image)
+NOT_SPATIAL = frozenset({"audio_embed", "clip_fea_ref", "siglip_feats"})
 
 # Inputs of WHOLE_KEYS that a model class uses on the canvas's own token grid, so a tile needs its crop:
 # class name (and subclasses) -> keys.  Every Wan model: its reference_latent is frame 0 of the canvas's grid
@@ -75,6 +91,15 @@ UNTILEABLE = {
 
 # Smallest tile side (latent px) a diffusion-model class takes, by class name.
 MIN_TILE = {"PixArtMS": 33}
+
+# Tile alignment (latent px) a diffusion-model class needs beyond its patch, by class name:
+#   SCAILWanModel  the pose stream (pose_latents, SCAIL-2 sam_latents) comes at half resolution and is embedded
+#                  in 2x2 patches: one pose token per 4 latent px.  A window starting at 2 (mod 4) would embed
+#                  pose tokens the canvas never has, and an odd half-resolution crop is padded, which changes
+#                  the scale of the pose ids (h / H_pose).
+#   WanModel_S2V   the motion frames (reference_motion) are embedded at strides of 2, 4 and 8 latent px
+#                  (FramePackMotioner): a window on the 8 grid holds whole canvas motion tokens.
+TILE_ALIGN = {"SCAILWanModel": 4, "WanModel_S2V": 8}
 
 # transformer_options entries that hold state of the whole canvas across model calls, which tiles
 # cannot share: key -> why.
@@ -126,29 +151,41 @@ def min_tile(base_model) -> int:
     return -(-m // p) * p
 
 
+def tile_align(base_model) -> int:
+    """Latent px tile windows are aligned to: the least common multiple of the model's patch
+    (:func:`spatial_patch`) and what its class needs (:data:`TILE_ALIGN`)."""
+    p = spatial_patch(base_model)
+    for name in _classes(base_model):
+        p = math.lcm(p, TILE_ALIGN.get(name, 1))
+    return p
+
+
 def _classes(base_model) -> list[str]:
     return [c.__name__ for c in type(getattr(base_model, "diffusion_model", None)).__mro__]
 
 
 def whole_keys(base_model) -> frozenset:
     """The model inputs this model gets whole in every tile: :data:`WHOLE_KEYS` less what its class
-    uses as canvas (:data:`SPATIAL_FOR`)."""
+    uses as canvas (:data:`SPATIAL_FOR`), and the inputs that are never a picture (:data:`NOT_SPATIAL`)."""
     spatial = frozenset().union(*(SPATIAL_FOR.get(n, frozenset()) for n in _classes(base_model)))
-    return WHOLE_KEYS - spatial
+    return (WHOLE_KEYS - spatial) | NOT_SPATIAL
 
 
 def canvas_cond(c: dict, base_model, H: int, W: int) -> dict:
     """The model kwargs with every :data:`RESAMPLED` input resampled to the canvas's token grid the way
     the model resamples it: v' = interpolate(v, size(H, W), mode, align_corners).  A tile's crop of v'
     (at its scale, which the windows' patch alignment makes whole) is then already at the tile's grid,
-    where the model's own resampling is the identity: each tile sees what the canvas call would."""
+    where the model's own resampling is the identity: each tile sees what the canvas call would.  Inputs
+    a crop gets wrong are wrapped for their tiles (positional_inputs.py: per-frame mask means, token
+    masks, refused guide lists)."""
     names = _classes(base_model)
+    p = spatial_patch(base_model)
+    c = pi.canvas_inputs(c, names + [k.__name__ for k in type(base_model).__mro__], H, W, p)
     hit = [(k, fn) for (cls, k), fn in RESAMPLED.items()
            if cls in names and torch.is_tensor(c.get(k)) and c[k].ndim == 4]
     if not hit:
         return c
     dm = base_model.diffusion_model
-    p = spatial_patch(base_model)
     out = dict(c)
     for k, fn in hit:
         spec = fn(dm, H, W, p)

@@ -1,16 +1,20 @@
 """ComfyUI node classes (V3 schema): thin wrappers over quadtree.py and tiled_diffusion.py.
 
-The API is pinned to ``comfy_api.v0_0_2`` (present in every ComfyUI this pack supports), never
-``comfy_api.latest``. ComfyUI registers the nodes through ``comfy_entrypoint()`` (re-exported by
-``__init__.py``); importing this module patches nothing."""
+The API is pinned to ``comfy_api.v0_0_2`` (present in every ComfyUI this pack was tested on); a
+ComfyUI without it gets the nodes defined with its newest API for the same schema,
+``comfy_api.latest`` (``self_check.node_api``, logged). Importing this module runs the startup
+self-check (self_check.py: one log line per ComfyUI feature that is missing or changed); a node
+whose feature is missing still registers and, when run, fails with a clear message. ComfyUI
+registers the nodes through ``comfy_entrypoint()`` (re-exported by ``__init__.py``); importing this
+module patches nothing."""
 from __future__ import annotations
 
 import logging
 
 import torch
-from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import quadtree as qt
+from . import self_check
 from . import tile_conditioning as tcond
 from . import tile_preview as tp
 from . import tiled_vae
@@ -21,6 +25,9 @@ from .utils import METHODS, SHIFT_METHODS, SPOT_KEY
 from .variable_denoise import MODES
 
 log = logging.getLogger(__name__)
+
+ComfyExtension, io = self_check.node_api()
+self_check.log_report()
 
 CATEGORY = "sampling/tiled_diffusion"
 
@@ -206,6 +213,7 @@ class QuadtreeDiffusion(io.ComfyNode):
     def execute(cls, model, method, enable_overlap, tile_overlap, tile_batch_size, skip_diffusion_below,
                 variable_denoise, tile_width, tile_height, quadtree=None,
                 reference_mode=REFERENCE_MODES[0]) -> io.NodeOutput:
+        self_check.require("Quadtree Diffusion", "unet_wrapper")
         reference_mode = reference_mode or REFERENCE_MODES[0]
         err = _choice_error("method", method, METHODS) or _choice_error("variable_denoise", variable_denoise, MODES) \
             or _choice_error("reference_mode", reference_mode, REFERENCE_MODES)
@@ -257,6 +265,7 @@ class SpotDiffusionParams_QuadtreeDiffusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, shift_method, seed, context_margin=0) -> io.NodeOutput:
+        self_check.require("SpotDiffusion Parameters (Quadtree)", "unet_wrapper")
         err = _choice_error("shift_method", shift_method, SHIFT_METHODS)
         if err:
             raise ValueError(err)
@@ -330,6 +339,8 @@ class QuadtreeTileConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, quadtree, tile_conditioning) -> io.NodeOutput:
+        # the tile prompts are encoded and applied by Quadtree Diffusion's wrappers during sampling
+        self_check.require("Quadtree Tile Conditioning", "tile_prompts", "sampler_sample", "calc_cond_batch")
         if len(conditioning) != 1:
             raise ValueError(f"conditioning: one CONDITIONING expected, got a list of {len(conditioning)}")
         if len(quadtree) != 1 or not isinstance(quadtree[0], qt.Layout):

@@ -292,7 +292,8 @@ GRID_INPUTS = {("WanModel", "reference_latent"): "a Wan reference image (Fun / A
 
 # Model inputs placed beside the canvas at an offset of the canvas's width: (ComfyUI model class name, i.e.
 # the model_base class that builds the input, key) -> what it is.
-BESIDE_CANVAS = {("HunyuanVideo", "ref_latent"): "HunyuanVideo's image-to-video reference (custom guidance)"}
+BESIDE_CANVAS = {("HunyuanVideo", "ref_latent"): "HunyuanVideo's image-to-video reference (custom guidance)",
+                 ("HiDream", "image_cond"): "HiDream-E1's source image (concat_latent_image)"}
 
 
 def _class_names(obj) -> set:

@@ -134,7 +134,12 @@ def chunk_prompts(run, to: dict, n_chunks: int) -> list | None:
     if run is None or not run.prompts:
         return None
     uuids = to.get("uuids") or []
-    out = [run.prompts.get(u) for u in uuids[:n_chunks]] if len(uuids) >= n_chunks else []
+    if len(uuids) < n_chunks:
+        if run.once("no_uuids"):      # how tile prompts find their chunks: never silently lost
+            log.warning("%s ComfyUI gave the model call no 'uuids' for its cond chunks: tile prompts cannot be "
+                        "matched to their chunks, every tile uses the base prompt", P)
+        return None
+    out = [run.prompts.get(u) for u in uuids[:n_chunks]]
     return out if any(p is not None for p in out) else None
 
 

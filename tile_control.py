@@ -33,8 +33,9 @@ ones.  SpotDiffusion shifts its tiles, never the latent, so its windows are crop
 
 The tile copy does not rely on where a ComfyUI version caches prepared hints (``cond_hint``
 in 0.3.x, size-keyed ``cond_hints`` / ``control_inputs`` dicts in later ones): it gets private
-containers (a size-keyed cache of the original is never shared, and starts empty), no prepared
-hint, and as ``cond_hint_original`` the crop with a preparation that is the identity (no VAE,
+containers (a cache of the original is never shared, and starts empty: the containers
+``ControlBase.cleanup()`` empties, found at load by self_check.py, and any tuple-keyed dict), no
+prepared hint, and as ``cond_hint_original`` the crop with a preparation that is the identity (no VAE,
 no latent format, no preprocessing, no extra concat, nearest resize to its own size, the
 crop's own ratio to the latent).  Whatever cache the control uses, its own preparation then
 produces exactly the crop for that tile batch.
@@ -48,7 +49,9 @@ ComfyUI's multi-GPU path (``MultiGPU CFG Split``) asks each control for
 so control stays deferred, per tile, on the device that samples the tiles.
 
 If the model's unet function wrapper is not our engine (another node replaced it after
-Quadtree Diffusion), the wrapper steps aside and ComfyUI computes control as usual.
+Quadtree Diffusion), or this ComfyUI's control classes are not what this module knows (the
+startup self-check logged it), the wrapper steps aside and ComfyUI computes control as usual, on
+the canvas (in the second case the engine then gives each tile its crop of that control).
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ import logging
 
 import torch
 
+from . import self_check
 from .utils import RUN_KEY
 
 log = logging.getLogger(__name__)
@@ -209,13 +213,16 @@ def private_copy(control):
     ``copy.copy`` keeps everything ``pre_run`` set on the original (the control model,
     ``timestep_range``, ``model_sampling_current``, dtype), which ``control.copy()`` would drop;
     its dicts, lists and sets are copied so that nothing the copy caches reaches the original or
-    another tile, and size-keyed caches start empty.
+    another tile, and caches start empty: the containers ComfyUI's ``ControlBase.cleanup()`` empties
+    (found at load by ``self_check.control_caches``, whatever their keys) and any other dict keyed by
+    tuples (a control class's own size-keyed cache).
     """
+    caches = self_check.hint_caches()
     c = copy.copy(control)
     for name, v in list(vars(c).items()):
         if isinstance(v, (dict, list, set)):
             v = copy.copy(v)
-            if _is_size_keyed_cache(v):
+            if name in caches or _is_size_keyed_cache(v):
                 v.clear()
             setattr(c, name, v)
     c.cond_hint = None
@@ -274,9 +281,9 @@ def tiled_copy(control, t, tb, per_tile: int, device, hints: dict, items=None):
 class DeferredControl:
     """What ``get_control`` returns while tiling: control is computed per tile batch by the engine."""
 
-    __slots__ = ("control", "batched_number", "transformer_options", "items", "hints")
+    __slots__ = ("control", "batched_number", "transformer_options", "items", "hints", "extra")
 
-    def __init__(self, control, batched_number, transformer_options, items=None, hints=None):
+    def __init__(self, control, batched_number, transformer_options, items=None, hints=None, extra=((), {})):
         self.control = control
         self.batched_number = batched_number
         self.transformer_options = transformer_options
@@ -285,6 +292,7 @@ class DeferredControl:
             run = (transformer_options or {}).get(RUN_KEY)
             hints = run.hints if run is not None else {}
         self.hints = hints
+        self.extra = extra          # (args, kwargs) ComfyUI passed get_control beyond those we know: passed on
 
     def select_rows(self, rows, N: int):
         """The marker for a subset of the call's rows (the engine runs batch items one by one when
@@ -296,7 +304,7 @@ class DeferredControl:
         if self.items is not None:
             items = [self.items[i] for i in items]
         return DeferredControl(self.control, self.batched_number, self.transformer_options, tuple(items),
-                               self.hints)
+                               self.hints, self.extra)
 
     def tile_control(self, xt, tt, ct, tb):
         """Control for the tile batch ``xt`` (rows ``[chunk][tile][batch item]``).
@@ -309,7 +317,8 @@ class DeferredControl:
         per_tile = max(1, xt.shape[0] // (n_chunks * k))
         c = tiled_copy(self.control, tt, tb, per_tile, xt.device, self.hints, self.items)
         to = ct.get("transformer_options", self.transformer_options) if isinstance(ct, dict) else self.transformer_options
-        return c.get_control(xt, tt, ct, n_chunks, to)
+        args, kwargs = self.extra
+        return c.get_control(xt, tt, ct, n_chunks, to, *args, **kwargs)
 
     def __repr__(self):
         return f"DeferredControl({type(self.control).__name__})"
@@ -323,7 +332,7 @@ class ControlProxy:
         self._per_device: dict = {}
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options, *args, **kwargs):
-        return DeferredControl(self._control, batched_number, transformer_options)
+        return DeferredControl(self._control, batched_number, transformer_options, extra=(args, kwargs))
 
     def get_instance_for_device(self, device, *args, **kwargs):
         """The multi-GPU path's per-device control, still deferred (one proxy per device)."""
@@ -354,8 +363,10 @@ class TileControl:
         return self      # like the engine: configuration only, shared by model clones
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
-        """CALC_COND_BATCH: hand ComfyUI proxies for the controls (arguments it adds are passed on)."""
-        if model_options.get("model_function_wrapper") is not self.engine:
+        """CALC_COND_BATCH: hand ComfyUI proxies for the controls (arguments it adds are passed on).  Without
+        ComfyUI's control classes as the pack knows them (self_check.py, logged at load) it steps aside:
+        ComfyUI computes control on the canvas and each tile takes its crop of it."""
+        if model_options.get("model_function_wrapper") is not self.engine or not self_check.available("controlnet"):
             return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
         proxies: dict = {}
         out = []

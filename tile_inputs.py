@@ -117,6 +117,8 @@ def tile_cond(c: dict, wins, n_chunks: int, N: int, H: int, W: int, cache=None, 
     for key, v in c.items():
         if key == "transformer_options" or hasattr(v, "tile_control"):
             out[key] = v    # deferred control is computed per tile batch in TiledDiffusion._evaluate
+        elif hasattr(v, "for_windows"):     # a tile needs more than a crop (positional_inputs.py)
+            out[key] = v.for_windows(wins, n_chunks, N, H, W)
         else:
             out[key] = tile_value(v, wins, n_chunks, N, H, W, spatial=key not in whole, cache=cache)
     return out

@@ -27,6 +27,7 @@ from . import model_families as mf
 from . import noise_inversion as ni
 from . import reference_latents as refs
 from . import regional
+from . import self_check
 from . import spot_diffusion as sd
 from . import tile_conditioning as tcond
 from . import variable_denoise as vd
@@ -246,9 +247,9 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
                 ct = tcond.apply(ct, wins, plan.frame, n_chunks, B, prompts)
             tb = TileBatch(wins, H, W, n_chunks)
             if "transformer_options" in ct:     # model patches (image controls) get their tile's crop
-                ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt.shape[0],
+                ct["transformer_options"] = tile_transformer_options(ct["transformer_options"], tb, xt,
                                                                      run.hints if run is not None else rep,
-                                                                     xt.device)
+                                                                     latent_compression(model.base))
             rpatch = None
             if rs is not None:      # reference images: each tile meets them where the canvas does
                 ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, model.base,
@@ -270,7 +271,6 @@ def tiled_model(model, cfg: TileConfig):
     keyed SAMPLER_SAMPLE (run state), PREPARE_SAMPLING (memory planning) and CALC_COND_BATCH
     (per-tile ControlNet; per-tile prompts) wrappers.  A wrapper already on the model is kept and called per tile
     batch; an earlier Quadtree Diffusion on the same model is replaced, not stacked."""
-    import comfy.patcher_extension
     m = model.clone()
     inner = m.model_options.get("model_function_wrapper")
     if isinstance(inner, TiledDiffusion):
@@ -278,14 +278,13 @@ def tiled_model(model, cfg: TileConfig):
         inner = inner.inner
     engine = TiledDiffusion(cfg, inner)
     m.set_model_unet_function_wrapper(engine)
-    wmp = comfy.patcher_extension.WrappersMP
-    for kind, fn in ((wmp.SAMPLER_SAMPLE, engine.sampler_sample),
-                     (wmp.PREPARE_SAMPLING, engine.prepare_sampling),
-                     (wmp.CALC_COND_BATCH, TileControl(engine).calc_cond_batch)):
-        m.remove_wrappers_with_key(kind, WRAPPER_KEY)
-        m.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
-    for key, fn in ((tcond.KEY, tcond.TilePromptConds().calc_cond_batch),
-                    (regional.KEY, regional.RegionRecorder().calc_cond_batch)):
-        m.remove_wrappers_with_key(wmp.CALC_COND_BATCH, key)
-        m.add_wrapper_with_key(wmp.CALC_COND_BATCH, key, fn)
+    kinds = self_check.wrapper_types()      # the wrapper types this ComfyUI offers (a missing one is logged at load)
+    for kind, key, fn in (("SAMPLER_SAMPLE", WRAPPER_KEY, engine.sampler_sample),
+                          ("PREPARE_SAMPLING", WRAPPER_KEY, engine.prepare_sampling),
+                          ("CALC_COND_BATCH", WRAPPER_KEY, TileControl(engine).calc_cond_batch),
+                          ("CALC_COND_BATCH", tcond.KEY, tcond.TilePromptConds().calc_cond_batch),
+                          ("CALC_COND_BATCH", regional.KEY, regional.RegionRecorder().calc_cond_batch)):
+        if kind in kinds:
+            m.remove_wrappers_with_key(kinds[kind], key)
+            m.add_wrapper_with_key(kinds[kind], key, fn)
     return m

@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import self_check
 from .vae_executor import TileRunner, Variant
 from .vae_graph import decoder_stages, encoder_stages, spatial_factor, unsupported_reason
 from .vae_stages import Moments, group_moments
@@ -227,6 +228,7 @@ def _latent_tensor(samples):
 
 def _fallback_decode(vae, latent, tile_size, reason):
     import nodes as comfy_nodes
+    self_check.require("Quadtree VAE Decode", "vae_fallback")
     tile = min(4096, tile_size)
     overlap = min(64, tile // 4)
     log.info("%s %s: ComfyUI's own tiled VAE decode is used (tile %d px, overlap %d px; not exact)",
@@ -280,6 +282,7 @@ def decode(vae, samples, tile_size: int, fast: bool = False, variant: Variant | 
 
 def _fallback_encode(vae, pixels, tile_size, reason):
     import nodes as comfy_nodes
+    self_check.require("Quadtree VAE Encode", "vae_fallback")
     tile = min(4096, tile_size)
     overlap = min(64, tile // 4)
     log.info("%s %s: ComfyUI's own tiled VAE encode is used (tile %d px, overlap %d px; not exact)",

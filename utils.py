@@ -46,12 +46,13 @@ def latent_compression(base_model) -> int:
 
 def latent_patch_size(base_model) -> int:
     """Latent pixels per token side of a patchifying model (2 for SD3/FLUX, 1 for UNets), under
-    whatever name the family gives it (``model_families.spatial_patch``).
+    whatever name the family gives it, times what the family's other token streams need
+    (``model_families.tile_align``: SCAIL's half-resolution pose, S2V's motion frames).
 
     Tile edges are aligned to it so the model never pads a tile.
     """
-    from .model_families import spatial_patch
-    return spatial_patch(base_model)
+    from .model_families import tile_align
+    return tile_align(base_model)
 
 
 def cond_dicts(conds):

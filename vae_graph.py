@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import self_check
 from .vae_stages import Stage
 
 
@@ -95,7 +96,20 @@ def _common_problem(net, m, cls) -> str | None:
 
 
 def unsupported_reason(vae, which: str) -> str | None:
-    """Why ``vae`` cannot be tiled exactly for ``which`` ("encode" / "decode"), or None if it can."""
+    """Why ``vae`` cannot be tiled exactly for ``which`` ("encode" / "decode"), or None if it can: the
+    startup self-check found ComfyUI's VAE code changed (``self_check``: ``vae_<which>``), or the VAE's
+    structure is not one the stages reproduce exactly -- including an attribute or method that is not
+    where it is expected (never an error: the caller falls back to ComfyUI's tiled VAE)."""
+    changed = self_check.missing_reason(f"vae_{which}")
+    if changed is not None:
+        return f"ComfyUI's VAE code is not what the exact path knows ({changed})"
+    try:
+        return _structure_problem(vae, which)
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        return f"its structure is not one the exact path knows ({type(e).__name__}: {e})"
+
+
+def _structure_problem(vae, which: str) -> str | None:
     from comfy.ldm.models import autoencoder as ae
     m = _model_module()
     fsm = getattr(vae, "first_stage_model", None)
@@ -103,8 +117,9 @@ def unsupported_reason(vae, which: str) -> str | None:
         return f"its model ({type(fsm).__name__}) is not ComfyUI's AutoencoderKL-style Encoder/Decoder"
     if getattr(vae, "latent_dim", 2) != 2 or getattr(vae, "extra_1d_channel", None) is not None:
         return "it is a video/audio VAE"
-    method = getattr(type(fsm), which)
-    if method not in (ae.AutoencodingEngine.__dict__[which], ae.AutoencodingEngineLegacy.__dict__[which]):
+    method = getattr(type(fsm), which, None)
+    known = [vars(c).get(which) for c in (ae.AutoencodingEngine, ae.AutoencodingEngineLegacy)]
+    if method is None or method not in known:
         return f"its model ({type(fsm).__name__}) has its own {which}()"
     for name in ("quant_conv", "post_quant_conv"):
         conv = getattr(fsm, name, None)

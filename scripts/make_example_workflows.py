@@ -67,6 +67,14 @@ WIDGETS = {
     "FlipSigmas": [],
     "KSamplerSelect": ["sampler_name"],
     "SamplerCustom": ["add_noise", "noise_seed", "cfg"],
+    # the split loaders and the custom sampler of ComfyUI's Flux.2 Klein template (flux2_klein_edit_upscale)
+    "ConditioningZeroOut": [],
+    "ReferenceLatent": [],
+    "CFGGuider": ["cfg"],
+    "RandomNoise": ["noise_seed"],
+    "Flux2Scheduler": ["steps", "width", "height"],
+    "SamplerCustomAdvanced": [],
+    "MarkdownNote": ["text"],
 }
 # Widgets that take a link instead of their value (the frontend gives every widget an input slot).
 WIDGET_TYPES = {("CLIPTextEncode", "text"): "STRING", ("StringConcatenate", "string_a"): "STRING",
@@ -108,9 +116,17 @@ INPUTS = {
     "KSamplerSelect": [],
     "SamplerCustom": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+    "ConditioningZeroOut": [("conditioning", "CONDITIONING")],
+    "ReferenceLatent": [("conditioning", "CONDITIONING"), ("latent", "LATENT")],
+    "CFGGuider": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    "RandomNoise": [],
+    "Flux2Scheduler": [],
+    "SamplerCustomAdvanced": [("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                              ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+    "MarkdownNote": [],
 }
 OPTIONAL_INPUTS = {("QuadtreeDiffusion", "quadtree"), ("ControlNetApplyAdvanced", "vae"), ("TextGenerate", "image"),
-                   ("CreateVideo", "audio")}
+                   ("CreateVideo", "audio"), ("ReferenceLatent", "latent")}
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
@@ -143,15 +159,24 @@ OUTPUTS = {
     "FlipSigmas": [("SIGMAS", "SIGMAS")],
     "KSamplerSelect": [("SAMPLER", "SAMPLER")],
     "SamplerCustom": [("output", "LATENT"), ("denoised_output", "LATENT")],
+    "ConditioningZeroOut": [("CONDITIONING", "CONDITIONING")],
+    "ReferenceLatent": [("CONDITIONING", "CONDITIONING")],
+    "CFGGuider": [("GUIDER", "GUIDER")],
+    "RandomNoise": [("NOISE", "NOISE")],
+    "Flux2Scheduler": [("SIGMAS", "SIGMAS")],
+    "SamplerCustomAdvanced": [("output", "LATENT"), ("denoised_output", "LATENT")],
+    "MarkdownNote": [],
 }
 # Outputs that are lists (the frontend draws them with shape 6).
 LIST_OUTPUTS = {("QuadtreeTileCrops", "crops")}
+# Nodes of the frontend only (notes): no server node, no API form, no origin.
+FRONTEND_ONLY = {"MarkdownNote"}
 # Node types that ship with ComfyUI (the frontend records their origin in properties.cnr_id).
 # (The video example is made for a current ComfyUI: its Wan Context Windows and Create Video
 # nodes have the inputs of ComfyUI 0.28 and later.)
-CORE = set(WIDGETS) - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion",
-                       "VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion",
-                       "QuadtreeTileCrops", "QuadtreeTileConditioning"}
+CORE = set(WIDGETS) - FRONTEND_ONLY - {"QuadtreeVisualizer", "QuadtreeDiffusion", "SpotDiffusionParams_QuadtreeDiffusion",
+                                       "VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion",
+                                       "QuadtreeTileCrops", "QuadtreeTileConditioning"}
 # The ComfyUI version a core node first appeared in, where later than COMFY_VERSION.
 CORE_SINCE = {"TextGenerate": "0.15.0"}
 # INT widgets the frontend follows with a control_after_generate widget: those that ask for it
@@ -170,12 +195,23 @@ WAN_TE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN_VAE = "wan_2.1_vae.safetensors"
 WAN_REPO = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
 # Model files a workflow names that ComfyUI's frontend offers to download when missing.
+# Flux.2 Klein 4B distilled: the files and links of ComfyUI's template image_flux2_klein_image_edit_4b_distilled.
+KLEIN_UNET = "flux-2-klein-4b-fp8.safetensors"
+KLEIN_TEXT = "qwen_3_4b.safetensors"
+KLEIN_VAE = "flux2-vae.safetensors"
 MODEL_URLS = {CAPTION_VLM: {"name": CAPTION_VLM, "directory": "text_encoders",
                             "url": "https://huggingface.co/Comfy-Org/Qwen3-VL/resolve/main/text_encoders/" + CAPTION_VLM},
               WAN_UNET: {"name": WAN_UNET, "directory": "diffusion_models",
                          "url": WAN_REPO + "diffusion_models/" + WAN_UNET},
               WAN_TE: {"name": WAN_TE, "directory": "text_encoders", "url": WAN_REPO + "text_encoders/" + WAN_TE},
-              WAN_VAE: {"name": WAN_VAE, "directory": "vae", "url": WAN_REPO + "vae/" + WAN_VAE}}
+              WAN_VAE: {"name": WAN_VAE, "directory": "vae", "url": WAN_REPO + "vae/" + WAN_VAE},
+              KLEIN_UNET: {"name": KLEIN_UNET, "directory": "diffusion_models",
+                           "url": "https://huggingface.co/black-forest-labs/FLUX.2-klein-4b-fp8/resolve/main/" + KLEIN_UNET},
+              KLEIN_TEXT: {"name": KLEIN_TEXT, "directory": "text_encoders",
+                           "url": "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/"
+                                  + KLEIN_TEXT},
+              KLEIN_VAE: {"name": KLEIN_VAE, "directory": "vae",
+                          "url": "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/vae/" + KLEIN_VAE}}
 CAPTION_PROMPT = ("Describe this image in one short phrase for an image generator: the main subject, its "
                   "material and texture. Answer with the phrase only.")
 TILE_STYLE = ", detailed photograph, sharp focus, high quality"
@@ -269,8 +305,10 @@ class Graph:
                     values.append("fixed")  # the frontend's control_after_generate widget
                 if (t, w) in (("LoadImage", "image"), ("LoadVideo", "file")):
                     values.append("image")  # the frontend's upload button widget (named "image" for videos too)
-            props = {"Node name for S&R": t}
-            if t in CORE:
+            props = {} if t in FRONTEND_ONLY else {"Node name for S&R": t}
+            if t in FRONTEND_ONLY:
+                pass
+            elif t in CORE:
                 props.update({"cnr_id": "comfy-core", "ver": CORE_SINCE.get(t, COMFY_VERSION)})
                 models = [MODEL_URLS[v] for v in n["widgets"].values() if isinstance(v, str) and v in MODEL_URLS]
                 if models:
@@ -305,6 +343,8 @@ class Graph:
         for n in self.nodes:
             inputs = {}
             t = n["type"]
+            if t in FRONTEND_ONLY:
+                continue
             names = [w for w in WIDGETS[t]] + [name for name, _ in INPUTS[t]]
             for name in names:  # the frontend writes widgets and links in input order; order is cosmetic
                 if name in n["widgets"] and name not in n["links_in"]:
@@ -331,6 +371,8 @@ DISPLAY = {
     "WanContextWindowsManual": "Wan Context Windows", "CreateVideo": "Create Video", "SaveVideo": "Save Video",
     "BasicScheduler": "BasicScheduler", "FlipSigmas": "FlipSigmas", "KSamplerSelect": "KSamplerSelect",
     "SamplerCustom": "SamplerCustom",
+    "ConditioningZeroOut": "ConditioningZeroOut", "ReferenceLatent": "ReferenceLatent", "CFGGuider": "CFGGuider",
+    "RandomNoise": "RandomNoise", "Flux2Scheduler": "Flux2Scheduler", "SamplerCustomAdvanced": "SamplerCustomAdvanced",
 }
 
 # Quadtree VAE Encode / Decode, exact (equal to the untiled VAE); 1024-px tiles fit GPUs of 8 GB and more.
@@ -353,16 +395,24 @@ def _upscale_start(g: Graph, ckpt_name: str, min_denoise: float, max_denoise: fl
     the quadtree's picture. Returns the nodes by role."""
     n = {"ckpt": g.node("CheckpointLoaderSimple", (40, 60), (340, 100), ckpt_name=ckpt_name)}
     n["pos"], n["neg"] = _prompts(g, n["ckpt"], 420, 40)
-    img = g.node("LoadImage", (40, 460), (320, 330), image="example.png")
-    n["up"] = g.node("ImageScaleBy", (400, 520), (320, 82), upscale_method="lanczos", scale_by=2.0)
-    n["vis"] = g.node("QuadtreeVisualizer", (400, 660), (320, 200), content_threshold=25.0,
+    n.update(_upscaled_quadtree(g, min_denoise, max_denoise, vis_prefix, min_tile_size, draw_indices, vis_title))
+    return n
+
+
+def _upscaled_quadtree(g: Graph, min_denoise: float, max_denoise: float, vis_prefix: str, min_tile_size: int = 128,
+                       draw_indices: bool = False, vis_title: str = "Save quadtree visualisation", top: int = 460):
+    """Load Image, ×2, its quadtree and the quadtree's picture (the column starting at y = ``top``).
+    Returns {"up": the upscaled image's node, "vis": the Quadtree Visualizer}."""
+    img = g.node("LoadImage", (40, top), (320, 330), image="example.png")
+    n = {"up": g.node("ImageScaleBy", (400, top + 60), (320, 82), upscale_method="lanczos", scale_by=2.0)}
+    n["vis"] = g.node("QuadtreeVisualizer", (400, top + 200), (320, 200), content_threshold=25.0,
                       min_tile_size=min_tile_size, min_denoise=min_denoise, max_denoise=max_denoise,
                       line_thickness=2, max_tile_size=1024, draw_indices=draw_indices)
-    save_vis = g.node("SaveImage", (400, 920), (320, 300), title=vis_title, filename_prefix=vis_prefix)
+    save_vis = g.node("SaveImage", (400, top + 460), (320, 300), title=vis_title, filename_prefix=vis_prefix)
     g.link(img, "IMAGE", n["up"], "image")
     g.link(n["up"], "IMAGE", n["vis"], "image")
     g.link(n["vis"], "image", save_vis, "images")
-    g.group("Quadtree from the upscaled image", (380, 440, 360, 800), "#3f789e")
+    g.group("Quadtree from the upscaled image", (380, top - 20, 360, 800), "#3f789e")
     return n
 
 
@@ -594,8 +644,107 @@ def quadtree_noise_inversion_upscale() -> Graph:
     return g
 
 
+EDIT_PROMPT = ("Upscale this image: sharpen fine detail and texture, keep the composition, colours, lighting "
+               "and any text unchanged.")
+KLEIN_NOTE = f"""## Flux.2 Klein as a tiled upscaler
+
+ComfyUI's template **Image Edit (Flux.2 Klein 4B Distilled)**, unpacked, with the Quadtree Diffusion nodes added:
+
+- **Upscale Image By** ×2, and **Quadtree Visualizer** splits the upscaled image into tiles by its content
+  (small tiles and more denoise where there is detail, large tiles and little denoise where it is flat).
+- **Quadtree VAE Encode** encodes the upscaled image once: it is the latent the sampler refines *and* the
+  **reference** (ReferenceLatent) the edit model keeps the result aligned with.
+- **Quadtree Diffusion** samples it tile by tile (memory bounded by the tile). With *reference_mode* =
+  *crop to tile* each tile is given the part of the reference under it, at the positions the whole image
+  would give it, so no tile redraws another part of the picture.
+- **Quadtree VAE Decode** decodes in tiles, exactly.
+
+**Flux2Scheduler** is set to 1024×1024, the largest tile: what one model call sees.
+
+## Model links
+
+**text_encoders**
+
+- [{KLEIN_TEXT}]({MODEL_URLS[KLEIN_TEXT]["url"]})
+
+**diffusion_models**
+
+- [{KLEIN_UNET}]({MODEL_URLS[KLEIN_UNET]["url"]})
+
+**vae**
+
+- [{KLEIN_VAE}]({MODEL_URLS[KLEIN_VAE]["url"]})
+
+Model storage location
+
+```
+📂 ComfyUI/
+├── 📂 models/
+│   ├── 📂 text_encoders/
+│   │      └── {KLEIN_TEXT}
+│   ├── 📂 diffusion_models/
+│   │      └── {KLEIN_UNET}
+│   └── 📂 vae/
+│          └── {KLEIN_VAE}
+```
+"""
+
+
+def flux2_klein_edit_upscale() -> Graph:
+    g = Graph("flux2_klein_edit_upscale", "Flux.2 Klein edit-model upscale in quadtree tiles",
+              "ComfyUI's Flux.2 Klein 4B image-edit template as a tiled upscaler: the upscaled image is both the "
+              "latent and the reference image, and every quadtree tile meets the part of the reference under it.")
+    unet = g.node("UNETLoader", (40, 60), (340, 82), unet_name=KLEIN_UNET, weight_dtype="default")
+    clip = g.node("CLIPLoader", (40, 180), (340, 106), clip_name=KLEIN_TEXT, type="flux2", device="default")
+    vae = g.node("VAELoader", (40, 330), (340, 58), vae_name=KLEIN_VAE)
+    g.group("Models (Flux.2 Klein 4B distilled)", (20, -20, 380, 440), "#444")
+    n = _upscaled_quadtree(g, 0.3, 0.75, "quadtree/klein_edit_visualisation", top=480)
+    pos = g.node("CLIPTextEncode", (420, 40), (420, 160), title="CLIP Text Encode (Positive Prompt)",
+                 color=("#232", "#353"), text=EDIT_PROMPT)
+    neg = g.node("ConditioningZeroOut", (420, 250), (260, 26))
+    enc = g.node("VAEEncodeTiled_QuadtreeDiffusion", (880, 660), (300, 130), **VAE_ENCODE)
+    ref_pos = g.node("ReferenceLatent", (880, 440), (260, 46), title="ReferenceLatent (positive)")
+    ref_neg = g.node("ReferenceLatent", (880, 540), (260, 46), title="ReferenceLatent (negative)")
+    qd = g.node("QuadtreeDiffusion", (880, 40), (340, 294), method="Mixture of Diffusers", enable_overlap=True,
+                tile_overlap=64, tile_batch_size=0, skip_diffusion_below=0, variable_denoise="schedule",
+                tile_width=1024, tile_height=1024, reference_mode="crop to tile")
+    guider = g.node("CFGGuider", (1260, 40), (300, 98), cfg=1.0)
+    noise = g.node("RandomNoise", (1260, 180), (300, 82), noise_seed=0)
+    sampler = g.node("KSamplerSelect", (1260, 300), (300, 58), sampler_name="euler")
+    sched = g.node("Flux2Scheduler", (1260, 400), (300, 106), steps=8, width=1024, height=1024)
+    sca = g.node("SamplerCustomAdvanced", (1600, 40), (300, 330))
+    dec = g.node("VAEDecodeTiled_QuadtreeDiffusion", (1600, 420), (300, 110), **VAE_DECODE)
+    save = g.node("SaveImage", (1940, 40), (460, 500), title="Save upscaled image",
+                  filename_prefix="quadtree/klein_edit_upscale")
+    g.link(clip, "CLIP", pos, "clip")
+    g.link(pos, "CONDITIONING", neg, "conditioning")
+    g.link(n["up"], "IMAGE", enc, "pixels")
+    g.link(vae, "VAE", enc, "vae")
+    for ref, cond in ((ref_pos, pos), (ref_neg, neg)):
+        g.link(cond, "CONDITIONING", ref, "conditioning")
+        g.link(enc, "LATENT", ref, "latent")
+    g.link(unet, "MODEL", qd, "model")
+    g.link(n["vis"], "quadtree", qd, "quadtree")
+    g.link(qd, "MODEL", guider, "model")
+    g.link(ref_pos, "CONDITIONING", guider, "positive")
+    g.link(ref_neg, "CONDITIONING", guider, "negative")
+    g.link(noise, "NOISE", sca, "noise")
+    g.link(guider, "GUIDER", sca, "guider")
+    g.link(sampler, "SAMPLER", sca, "sampler")
+    g.link(sched, "SIGMAS", sca, "sigmas")
+    g.link(enc, "LATENT", sca, "latent_image")
+    g.link(sca, "output", dec, "samples")
+    g.link(vae, "VAE", dec, "vae")
+    g.link(dec, "IMAGE", save, "images")
+    g.group("Reference: the upscaled image", (860, 390, 340, 430), "#8a5a9e")
+    g.node("MarkdownNote", (1260, 580), (700, 520), title="Read me: models and what this workflow does",
+           color=("#222", "#000"), text=KLEIN_NOTE)
+    return g
+
+
 WORKFLOWS = [quadtree_img2img_upscale, grid_txt2img_large, spotdiffusion_txt2img, quadtree_upscale_tile_controlnet,
-             quadtree_upscale_tile_prompts, wan_video_upscale_context_windows, quadtree_noise_inversion_upscale]
+             quadtree_upscale_tile_prompts, wan_video_upscale_context_windows, quadtree_noise_inversion_upscale,
+             flux2_klein_edit_upscale]
 
 
 def write_all(out_dir: str = OUT) -> list[str]:
@@ -707,6 +856,17 @@ def _video_thumb(width, height, tile_w, tile_h, overlap, frames=3):
     return img
 
 
+def _edit_upscale_thumb(min_denoise, max_denoise):
+    """The quadtree thumbnail, its left half the low-resolution source (the reference): ×8 pixels."""
+    from PIL import Image, ImageDraw
+    img = _quadtree_thumb(min_denoise, max_denoise)
+    w, h = img.size
+    src = _photo(w).convert("RGB").resize((w // 8, h // 8), Image.BILINEAR).resize((w, h), Image.NEAREST)
+    img.paste(src.crop((0, 0, w // 2, h)), (0, 0))
+    ImageDraw.Draw(img).line([(w // 2, 0), (w // 2, h - 1)], fill=(255, 255, 255), width=3)
+    return img
+
+
 def write_thumbnails(out_dir: str = OUT) -> list[str]:
     thumbs = {
         "quadtree_img2img_upscale": lambda: _quadtree_thumb(0.2, 0.6),
@@ -716,6 +876,7 @@ def write_thumbnails(out_dir: str = OUT) -> list[str]:
         "spotdiffusion_txt2img": lambda: _grid_thumb(3072, 1024, 1024, 0, shifted=True),
         "wan_video_upscale_context_windows": lambda: _video_thumb(1664, 960, 832, 480, 64),
         "quadtree_noise_inversion_upscale": lambda: _quadtree_thumb(0.2, 0.6),
+        "flux2_klein_edit_upscale": lambda: _edit_upscale_thumb(0.3, 0.75),
     }
     written = []
     for name, make in thumbs.items():

@@ -3,11 +3,12 @@
 pytest runs with ``--import-mode=importlib`` (pytest.ini), so neither ``tests/`` nor the repo root
 is put on ``sys.path``: the repo root holds the pack's own ``nodes.py``/``utils.py`` and ``tests/``
 holds a ``server.py``, both of which would shadow ComfyUI's top-level modules of the same names.
-Instead this file registers two helper modules by file path:
+Instead this file registers helper modules by file path:
 
 * ``qtd_fixtures`` = tests/fixtures.py (tiny models, CLIP/VAE stand-ins, run_ksampler, ...)
 * ``qtd_server``   = tests/server.py   (ComfyServer harness)
 * ``qtd_families`` = tests/families.py (tiny models of every model family of the running ComfyUI)
+* ``qtd_upstream`` = tests/upstream.py (faithful fixtures of ComfyUI code added after 0.28)
 
 so tests do ``import qtd_fixtures as fx`` / ``from qtd_server import ComfyServer``.
 
@@ -42,6 +43,7 @@ qtd_server = _load_by_path("qtd_server", os.path.join(TESTS_DIR, "server.py"))
 COMFYUI_PATH = qtd_fixtures.setup_comfy()
 qtd_reliability = _load_by_path("qtd_reliability", os.path.join(TESTS_DIR, "reliability.py"))
 qtd_families = _load_by_path("qtd_families", os.path.join(TESTS_DIR, "families.py"))
+qtd_upstream = _load_by_path("qtd_upstream", os.path.join(TESTS_DIR, "upstream.py"))
 import nodes as comfy_nodes  # noqa: E402  ComfyUI's nodes.py (asserted below)
 
 assert os.path.realpath(comfy_nodes.__file__).startswith(COMFYUI_PATH + os.sep), comfy_nodes.__file__

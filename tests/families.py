@@ -17,6 +17,7 @@ handled by feature detection (:func:`dataclass_config`), never by version.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,38 @@ XFAIL = {
     "HiDreamO1": "its conditioning (input ids with one placeholder per image token, MRoPE positions, token types, "
                  "vision masks) is built in extra_conds for the canvas's token grid; tiles need it rebuilt for each "
                  "tile size, which the engine does not do yet (it refuses the model with a clear error instead)",
+}
+
+
+# The model inputs of each family that relate to the canvas by place, as the diffusion model receives them:
+# the family matrix checks that every tile meets them where the canvas does (test_family_matrix.py,
+# test_positional_inputs_meet_each_tile_where_the_canvas_does).  The builders give them coordinate-coded
+# values (coded, place_mask, ramp_mask).  Names: a keyword input of the diffusion model; "c_concat" (the
+# channels of its x after the latent's); "t" (the timestep it receives: per token, or per frame);
+# "in:<module>" / "out:<module>" (what a submodule receives / makes, where the model resamples or embeds the
+# input itself before it meets the tokens).
+POSITIONAL = {
+    **dict.fromkeys(["SD15", "SD15_instructpix2pix", "SDXL_instructpix2pix", "Stable_Zero123", "SD_X4Upscaler",
+                     "SVD_img2vid", "SV3D_u", "SV3D_p", "FluxInpaint", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V",
+                     "HunyuanVideo15", "HunyuanVideo15_SR_Distilled", "HunyuanImage21Refiner", "CosmosI2V",
+                     "WAN21_I2V", "WAN21_FunControl2V", "WAN22_WanDancer", "CogVideoX_I2V", "CogVideoX_Inpaint"],
+                    ("c_concat",)),
+    "CosmosI2VPredict2": ("c_concat", "t"),                             # t per frame: the mask's mean
+    "WAN22_T2V": ("t",),                                                # (with a noise mask) t per frame
+    "LTXV": ("t",),                                                     # t per token: the mask times t
+    "WAN21_Camera": ("c_concat", "camera_conditions"),                  # Plucker rays per pixel (8 per latent px)
+    "WAN22_Camera": ("c_concat", "camera_conditions"),
+    "WAN21_Vace": ("vace_context",),                                    # control frames + mask
+    "WAN21_T2V": ("time_dim_concat",),                                  # Phantom subject frames
+    "WAN22_Animate": ("c_concat", "pose_latents"),
+    "WAN22_S2V": ("control_video", "reference_motion", "out:frame_packer.proj", "out:frame_packer.proj_2x",
+                  "out:frame_packer.proj_4x"),                          # motion tokens at 1/2, 1/4, 1/8
+    "WAN21_SCAIL": ("pose_latents", "out:patch_embedding_pose"),        # half-resolution pose, its tokens
+    "WAN21_SCAIL2": ("pose_latents", "sam_latents", "ref_mask_latents", "out:patch_embedding_pose"),
+    "SeedVR2": ("condition",),
+    "Kandinsky5": ("c_concat", "time_dim_replace"),
+    "Stable_Cascade_B": ("in:effnet_mapper.0",),                        # effnet as the model resamples it
+    "PiD": ("in:lq_proj.latent_proj.0",),                               # lq_latent on the token grid
 }
 
 
@@ -122,10 +155,35 @@ def conds(dim: int, tokens: int = 8, pooled: int | None = None, **extra):
     return out[0], out[1]
 
 
-def mask(h=128, w=128, frames=None, seed=8):
-    """An inpainting mask (1 = regenerate) at pixel resolution: [1, h, w], or [1, 1, frames, h, w]."""
-    m = (rand(1, h, w, seed=seed) > 0).float()
-    return m if frames is None else m[:, None, None].expand(1, 1, frames, h, w).contiguous()
+def coded(*shape, seed=7, scale=1.0):
+    """A conditioning tensor [1, C, (T,) h, w] coded with its places: channel 0 holds the row and channel 1
+    the column (as fractions of the side), the others are random.  Every place holds values of its own, so
+    a tile given a crop from another place shows it (the family matrix's correspondence test)."""
+    v = rand(*shape, seed=seed, scale=scale)
+    h, w = shape[-2:]
+    v[:, 0] = torch.arange(h, dtype=v.dtype)[:, None] / h * scale
+    v[:, 1] = torch.arange(w, dtype=v.dtype)[None, :] / w * scale
+    return v
+
+
+def place_mask(h=16, w=16, frames=None, scale=8, seed=8):
+    """A binary mask (1 = regenerate) at ``scale`` px per latent px, constant on each latent px, in which
+    every 4 x 4 block of latent px differs from every other (the first seed from ``seed`` that gives it).
+    ComfyUI rounds masks, so the place is coded in the pattern.  [1, h*scale, w*scale] or [1, 1, frames, ...]."""
+    for s in itertools.count(seed):
+        bits = (rand(h, w, seed=s) > 0).float()
+        blocks = bits.unfold(0, 4, 1).unfold(1, 4, 1).reshape(-1, 16)
+        if torch.unique(blocks, dim=0).shape[0] == blocks.shape[0]:
+            break
+    m = bits.repeat_interleave(scale, 0).repeat_interleave(scale, 1)[None]
+    return m if frames is None else m[:, None, None].expand(1, 1, frames, *m.shape[-2:]).contiguous()
+
+
+def ramp_mask(h=16, w=16, frames=1):
+    """A mask the model reads as values (LTXV's per-token timesteps, Wan 2.2's per-frame means) coded with
+    its places: (row * w + col + 1) / (h * w + 1), in (0, 1).  [1, 1, frames, h, w]."""
+    v = (torch.arange(h * w, dtype=torch.float32).reshape(h, w) + 1) / (h * w + 1)
+    return v.expand(1, 1, frames, h, w).contiguous()
 
 
 def latent(fmt, h=16, w=16, frames=None):
@@ -192,10 +250,10 @@ def _sd15(cls):
     pos, neg = conds(64, pooled=64)
     if in_ch == 9:      # inpainting: the image and its pixel mask, cropped per tile as c_concat
         for c in (pos, neg):
-            c[0][1].update(concat_latent_image=rand(1, 4, 16, 16, seed=7), concat_mask=mask())
+            c[0][1].update(concat_latent_image=coded(1, 4, 16, 16), concat_mask=place_mask())
     if in_ch == 8:      # instruct-pix2pix / zero123: concat_latent_image (the image being edited)
         for c in (pos, neg):
-            c[0][1]["concat_latent_image"] = rand(1, 4, 16, 16, seed=7)
+            c[0][1]["concat_latent_image"] = coded(1, 4, 16, 16)
         if cls.__name__ == "Stable_Zero123":
             for c in (pos, neg):
                 c[0][0] = rand(1, 1, 64, seed=3)
@@ -220,8 +278,7 @@ def _flux(cls):
                              guidance_embed=cls.unet_config.get("guidance_embed", True)))
     extra = {"guidance": 2.5}
     if inpaint:     # FLUX Fill: the image being inpainted and its pixel mask, cropped per tile
-        extra.update(concat_latent_image=rand(1, 16, 16, 16, seed=7),
-                     concat_mask=(rand(1, 1, 128, 128, seed=8) > 0).float())
+        extra.update(concat_latent_image=coded(1, 16, 16, 16), concat_mask=place_mask()[:, None])
     pos, neg = conds(64, pooled=64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
@@ -277,9 +334,8 @@ def _hidream(cls):
                text_emb_dim=64, num_routed_experts=2, num_activated_experts=1, axes_dims_rope=[16, 8, 8],
                max_resolution=[128, 128], llama_layers=[0, 1])
     m = build(cls, cfg)
-    # HiDream-E1 editing: the source image's latent (image_cond), placed beside the latent by the model
-    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20),
-                     concat_latent_image=rand(1, 16, 16, 16, seed=7))
+    # (HiDream-E1's source image, placed beside the latent, takes full-width tiles: test_positional_inputs.py)
+    pos, neg = conds(64, pooled=64, conditioning_llama3=lambda s: rand(1, 2, 6, 48, seed=s + 20))
     return Tiny(m, pos, neg, latent(m.model.latent_format), patch=(2, 2))
 
 
@@ -345,7 +401,7 @@ def _cosmos_predict2(cls):
                adaln_lora_dim=16, rope_h_extrapolation_ratio=1.0, rope_w_extrapolation_ratio=1.0,
                rope_t_extrapolation_ratio=1.0, extra_per_block_abs_pos_emb=False, rope_enable_fps_modulation=False)
     m = build(cls, cfg)
-    extra = {"concat_mask": mask(frames=1)} if in_ch > 16 else {}       # I2V: mask_inverted + timesteps per frame
+    extra = {"concat_mask": place_mask(frames=1)} if in_ch > 16 else {}       # I2V: mask_inverted + timesteps per frame
     pos, neg = conds(64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
 
@@ -359,7 +415,7 @@ def _ltxv(cls):
     m = build(cls, cfg)
     # a conditioning mask (per-token timesteps from the cropped mask)
     pos, neg = conds(64, frame_rate=25, attention_mask=torch.ones(1, 8, dtype=torch.long),
-                     concat_mask=mask(16, 16, frames=2))
+                     concat_mask=ramp_mask(frames=2))
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(1, 1), frames=2)
 
 
@@ -375,16 +431,18 @@ def _wan_cfg(**kw):
 @family("WAN21_T2V")
 def _wan21(cls):
     m = build(cls, _wan_cfg())
-    pos, neg = conds(64)
+    # Phantom subject images (WanPhantomSubjectToVideo): latents of the canvas's size, concatenated along time
+    pos, neg = conds(64, time_dim_concat=coded(1, 16, 1, 16, 16))
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
 
 
 @family("WAN22_T2V")
 def _wan22(cls):
-    # Wan 2.2 5B: 48 channels at 16x
+    # Wan 2.2 5B: 48 channels at 16x; with an inpainting noise mask, the timestep is per frame (its mean)
     m = build(cls, _wan_cfg(in_dim=48, out_dim=48))
     pos, neg = conds(64)
-    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2)
+    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2,
+                extra={"noise_mask": ramp_mask(frames=2)})
 
 
 # ---- SD3
@@ -414,7 +472,7 @@ def _zero123(cls):
     # novel-view model: concat_latent_image (the input view) and a projected CLIP-image + pose token
     sd = {"cc_projection.weight": rand(64, 68, seed=3, scale=0.1), "cc_projection.bias": torch.zeros(64)}
     m = build(cls, _unet_cfg(in_channels=8), after=dict(num_heads=2, num_head_channels=-1), state_dict=sd)
-    pos, neg = conds(68, tokens=1, concat_latent_image=rand(1, 4, 16, 16, seed=7))
+    pos, neg = conds(68, tokens=1, concat_latent_image=coded(1, 4, 16, 16))
     return Tiny(m, pos, neg, latent(m.model.latent_format))
 
 
@@ -426,7 +484,7 @@ def _sdxl_cfg(in_channels=4, adm=64 + 6 * 256):
 def _sdxl(cls):
     ip2p = cls.unet_config.get("in_channels") == 8
     m = build(cls, _sdxl_cfg(8 if ip2p else 4), after=dict(num_heads=2, num_head_channels=-1))
-    extra = {"concat_latent_image": rand(1, 4, 16, 16, seed=7)} if ip2p else {}
+    extra = {"concat_latent_image": coded(1, 4, 16, 16)} if ip2p else {}
     pos, neg = conds(64, pooled=64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format))
 
@@ -444,7 +502,7 @@ def _sd_x4(cls):
     cfg = _unet_cfg(in_channels=7, use_linear_in_transformer=True)
     m = build(cls, cfg, after=dict(num_heads=2, num_head_channels=-1, num_classes=1000,
                                    disable_self_attentions=[True, False]))
-    pos, neg = conds(64, concat_image=rand(1, 3, 16, 16, seed=7, scale=0.5))
+    pos, neg = conds(64, concat_image=coded(1, 3, 16, 16, scale=0.5))
     return Tiny(m, pos, neg, latent(m.model.latent_format))
 
 
@@ -458,7 +516,7 @@ def _svd(cls):
                     merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
                     disable_temporal_crossattention=False, max_ddpm_temb_period=10000)
     m = build(cls, cfg, after=dict(num_heads=2, num_head_channels=-1))
-    pos, neg = conds(64, tokens=1, concat_latent_image=rand(1, 4, 16, 16, seed=7))
+    pos, neg = conds(64, tokens=1, concat_latent_image=coded(1, 4, 16, 16))
     lat = rand(3, 4, 16, 16, seed=5)        # 3 frames
     return Tiny(m, pos, neg, lat[:1], note="frames are the batch", extra={"frames_batch": 3})
 
@@ -485,7 +543,7 @@ def _cascade_b(cls):
                nhead=[-1, 2], blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]], level_config=["CT", "CTA"],
                c_clip=64, c_clip_seq=2, c_effnet=16, c_pixels=3, self_attn=True)
     m = build(cls, cfg)
-    prior = rand(1, 16, 6, 6, seed=7)
+    prior = coded(1, 16, 6, 6)
     pos, neg = conds(64, pooled=64, stable_cascade_prior=prior)
     for c in (pos, neg):
         c[0][1]["pooled_output"] = c[0][1]["pooled_output"][:, None]
@@ -551,7 +609,7 @@ def _hunyuan_video(cls):
     m = build(cls, _hunyuan_cfg(in_channels=in_ch, vec_in_dim=64))
     extra = {"guidance": 6.0}
     if in_ch > 16:      # image-to-video: the start image latent (and its mask), concatenated
-        extra["concat_latent_image"] = rand(1, 16, 2, 16, 16, seed=7)
+        extra["concat_latent_image"] = coded(1, 16, 2, 16, 16)
     pos, neg = conds(64, pooled=64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2)
 
@@ -567,10 +625,10 @@ def _hunyuan_video15(cls):
     pos, neg = conds(64, pooled=64, conditioning_byt5small=lambda s: rand(1, 4, 1472, seed=s + 30))
     if not sr:          # image-to-video: the start image latent and its mask, concatenated
         for c in (pos, neg):
-            c[0][1].update(concat_latent_image=rand(1, 32, 2, 16, 16, seed=7), concat_mask=mask(frames=2))
+            c[0][1].update(concat_latent_image=coded(1, 32, 2, 16, 16), concat_mask=place_mask(frames=2))
     if sr:
         for c in (pos, neg):
-            c[0][1]["concat_latent_image"] = rand(1, 66, 2, 16, 16, seed=7)
+            c[0][1]["concat_latent_image"] = coded(1, 66, 2, 16, 16)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(1, 1), frames=2)
 
 
@@ -580,7 +638,7 @@ def _hunyuan_image21_refiner(cls):
     # concat_latent_image, which the latent format packs 2 frames to 128 channels
     cfg = _hunyuan_cfg(in_channels=192, out_channels=64, vec_in_dim=None, patch_size=[1, 1, 1])
     m = build(cls, cfg)
-    pos, neg = conds(64, pooled=64, concat_latent_image=rand(1, 64, 1, 16, 16, seed=7))
+    pos, neg = conds(64, pooled=64, concat_latent_image=coded(1, 64, 1, 16, 16))
     return Tiny(m, pos, neg, torch.zeros(1, 32, 1, 16, 16), patch=(1, 1), frames=1)
 
 
@@ -594,7 +652,7 @@ def _cosmos1(cls):
                affline_emb_norm=True, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=True,
                extra_per_block_abs_pos_emb_type="learnable")
     m = build(cls, cfg)
-    extra = {"concat_mask": mask(frames=2)} if in_ch > 16 else {}       # I2V: the inverted mask, concatenated
+    extra = {"concat_mask": place_mask(frames=2)} if in_ch > 16 else {}       # I2V: the inverted mask, concatenated
     pos, neg = conds(64, frame_rate=24, attention_mask=torch.ones(1, 8, dtype=torch.long), **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2)
 
@@ -608,13 +666,13 @@ def _wan_i2v(cls):
         cfg["in_dim_control_adapter"] = 24
     m = build(cls, cfg)
     # I2V / camera: start image latent (+ 4 mask channels the model adds); Fun-Control: control video + image
-    extra = {"concat_latent_image": rand(1, 32 if in_dim == 48 else 16, 3, 16, 16, seed=7)}
+    extra = {"concat_latent_image": coded(1, 32 if in_dim == 48 else 16, 3, 16, 16)}
     if cls.__name__ == "WAN21_I2V":     # an inpainting mask and CLIP-vision image tokens (whole per tile)
         import types
-        extra.update(concat_mask=mask(frames=3),
+        extra.update(concat_mask=place_mask(frames=3),
                      clip_vision_output=types.SimpleNamespace(penultimate_hidden_states=rand(1, 4, 1280, seed=6)))
     if mt.startswith("camera"):     # camera: Plucker embeddings per pixel (8x the latent), cropped per tile
-        extra["camera_conditions"] = rand(1, 24, 3, 128, 128, seed=8, scale=0.1)
+        extra["camera_conditions"] = coded(1, 24, 3, 128, 128, seed=8, scale=0.1)
     pos, neg = conds(64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
 
@@ -624,7 +682,7 @@ def _wan_vace(cls):
     cfg = _wan_cfg(model_type="vace", vace_layers=1, vace_in_dim=96)
     m = build(cls, cfg)
     # vace_frames: the control video (latent + mask), cropped per tile
-    pos, neg = conds(64, vace_frames=[rand(1, 32, 3, 16, 16, seed=7)], vace_mask=[torch.ones(1, 64, 3, 16, 16)],
+    pos, neg = conds(64, vace_frames=[coded(1, 32, 3, 16, 16)], vace_mask=[torch.ones(1, 64, 3, 16, 16)],
                      vace_strength=[1.0])
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
 
@@ -641,14 +699,18 @@ def _wan_s2v(cls):
     cfg = _wan_cfg(model_type="s2v", audio_dim=32, num_audio_token=2, enable_adain=True, cond_dim=16,
                    audio_inject_layers=[0], adain_mode="attn_norm", framepack_drop_mode="padd")
     m = build(cls, cfg)
-    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 16, 16, seed=9)])
-    return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
+    # control video (added after the patch embedding) and motion frames (FramePackMotioner), canvas-sized; tiles
+    # on its 8-px grid (model_families.TILE_ALIGN: the motion frames' coarsest stream): a 32 x 32 canvas
+    pos, neg = conds(64, reference_latents=[rand(1, 16, 1, 32, 32, seed=9)], control_video=coded(1, 16, 3, 32, 32),
+                     reference_motion=coded(1, 16, 4, 32, 32, seed=8))
+    return Tiny(m, pos, neg, latent(m.model.latent_format, 32, 32, frames=3), patch=(2, 2), frames=3, tile=16)
 
 
 @family("WAN22_Animate")
 def _wan_animate(cls):
     m = build(cls, _wan_cfg(model_type="animate", in_dim=36, motion_encoder_dim=32))
-    pos, neg = conds(64, concat_latent_image=rand(1, 16, 3, 16, 16, seed=7))
+    # the start image and the pose video (full resolution, added to frames 1.. after the patch embedding)
+    pos, neg = conds(64, concat_latent_image=coded(1, 16, 3, 16, 16), pose_video_latent=coded(1, 16, 2, 16, 16, seed=8))
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
 
 
@@ -721,7 +783,7 @@ def _pid(cls):
     m = build(cls, dict(_pixeldit_cfg(image_model="pid"), lq_latent_channels=16, lq_hidden_dim=32,
                         lq_num_res_blocks=1, sr_scale=4, latent_spatial_down_factor=8))
     pos, neg = conds(64, attention_mask=torch.ones(1, 8, dtype=torch.long),
-                     lq_latent=rand(1, 16, 3, 3, seed=7), degrade_sigma=torch.zeros(1))
+                     lq_latent=coded(1, 16, 3, 3), degrade_sigma=torch.zeros(1))
     return Tiny(m, pos, neg, latent(m.model.latent_format, 96, 96), patch=(16, 16), tile=32)
 
 
@@ -739,9 +801,14 @@ def _wan_scail(cls):
     if scail2:
         cfg["mask_in_dim"] = 28
     m = build(cls, cfg)
-    # pose video latent (cropped per tile) and a reference image (whole per tile)
-    pos, neg = conds(64, pose_video_latent=rand(1, 16, 3, 16, 16, seed=7),
-                     reference_latents=[rand(1, 16, 1, 16, 16, seed=9)])
+    # the pose video latent at half resolution, as WanSCAILToVideo encodes it (cropped per tile; one pose token
+    # per 4 latent px), and a reference image (time-concatenated to the latent: cropped per tile)
+    extra = {}
+    if scail2:      # the identity masks: of the pose video (half resolution) and of reference + video frames
+        extra = {"driving_mask_28ch": coded(1, 28, 3, 8, 8, seed=10).movedim(1, 2),
+                 "ref_mask_28ch": coded(1, 28, 4, 16, 16, seed=11).movedim(1, 2)}
+    pos, neg = conds(64, pose_video_latent=coded(1, 16, 3, 8, 8), reference_latents=[rand(1, 16, 1, 16, 16, seed=9)],
+                     **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
 
 
@@ -750,7 +817,7 @@ def _wan_dancer(cls):
     cfg = _wan_cfg(model_type="wandancer", in_dim=36, audio_inject_layers=[0], music_dim=16, music_heads=2,
                    music_feature_dim=8, music_latent_dim=16)
     m = build(cls, cfg)
-    pos, neg = conds(64, concat_latent_image=rand(1, 16, 3, 16, 16, seed=7))
+    pos, neg = conds(64, concat_latent_image=coded(1, 16, 3, 16, 16))
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=3), patch=(2, 2), frames=3)
 
 
@@ -762,7 +829,7 @@ def _seedvr2(cls):
                patch_size=(1, 2, 2), rope_dim=16, vid_out_norm=True)
     sd = {"positive_conditioning": rand(8, 64, seed=1), "negative_conditioning": rand(8, 64, seed=2)}
     m = build(cls, cfg, state_dict=sd)
-    pos, neg = conds(64, condition=rand(1, 17, 1, 16, 16, seed=7))
+    pos, neg = conds(64, condition=coded(1, 17, 1, 16, 16))
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=1), patch=(2, 2), frames=1)
 
 
@@ -813,7 +880,7 @@ def _kandinsky5(cls):
                time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=(16 if image else 33) * 4, patch_size=(1, 2, 2),
                num_text_blocks=1, num_visual_blocks=1, axes_dims=(8, 12, 12))
     m = build(cls, cfg)
-    extra = {} if image else {"concat_mask": mask(frames=2)}
+    extra = {} if image else {"concat_mask": place_mask(frames=2), "time_dim_replace": coded(1, 16, 1, 16, 16)}
     pos, neg = conds(64, pooled=64, attention_mask=torch.ones(1, 8, dtype=torch.long), **extra)
     frames = 1 if image else 2
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=None if image else frames), patch=(2, 2),
@@ -850,7 +917,7 @@ def _cogvideox(cls):
                sample_height=16, sample_frames=5, patch_size=2, max_text_seq_length=8,
                use_rotary_positional_embeddings=True)
     m = build(cls, cfg)
-    extra = {"concat_latent_image": rand(1, 16, 2, 16, 16, seed=7)} if in_ch > 16 else {}
+    extra = {"concat_latent_image": coded(1, 16, 2, 16, 16)} if in_ch > 16 else {}
     pos, neg = conds(64, **extra)
     return Tiny(m, pos, neg, latent(m.model.latent_format, frames=2), patch=(2, 2), frames=2)
 

@@ -12,8 +12,8 @@ server serves (``comfyui-frontend-package``). Checks:
 * the files the examples name (checkpoints, ControlNet, input image) are provided as on a user's
   machine (placeholders), since newer frontends flag loaders whose file is missing;
 * every example workflow, once loaded, is turned by the frontend itself (``app.graphToPrompt``)
-  into exactly the shipped API form (the per-tile prompt loop is also saved as a screenshot,
-  ``<repo>/output/browser_quadtree_upscale_tile_prompts.png``).
+  into exactly the shipped API form (the per-tile prompt loop and the Flux.2 Klein edit upscale are
+  also saved as screenshots, ``<repo>/output/browser_<name>.png``).
 
 Skipped, with the reason, only where Chromium or chromedriver is not installed
 (``scripts/install_browser.sh`` installs them on Debian).
@@ -294,6 +294,11 @@ def test_an_unknown_node_type_is_reported_missing(browser):
     assert any(m.startswith("dialog:") for m in found), result["dialogs"]
 
 
+# Examples also saved as screenshots (canvas scale): the per-tile prompt loop, shown in the README; the
+# edit-model upscale (its template's nodes with the pack's).
+SCREENSHOTS = {"quadtree_upscale_tile_prompts": 0.62, "flux2_klein_edit_upscale": 0.62}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_frontend_turns_each_example_into_the_shipped_api_form(browser, name, object_info):
     reason = rl.example_unsupported(name, object_info)
@@ -307,5 +312,5 @@ def test_frontend_turns_each_example_into_the_shipped_api_form(browser, name, ob
            for k, v in result["prompt"].items()}
     want = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert got == want
-    if name == "quadtree_upscale_tile_prompts":     # the per-tile prompt loop, shown in the README
-        screenshot(browser, name, scale=0.62)
+    if name in SCREENSHOTS:
+        screenshot(browser, name, scale=SCREENSHOTS[name])

@@ -179,22 +179,14 @@ def seen_windows(calls, hint_imgs, windows, n_chunks, batch, s=8):
 
 
 def size_keyed(control):
-    """``control`` turned into a ControlNet that caches its prepared hint in a dict keyed by the
-    latent's size, as newer ComfyUI does (``cond_hints``, upstream PR 15832), instead of in
-    ``cond_hint``: a tile copy sharing that dict would hand every same-size tile the first
-    tile's hint."""
-    base = type(control)
-
-    class SizeKeyed(base):
-        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-            key = (x_noisy.shape[2], x_noisy.shape[3])
-            self.cond_hint = self.cond_hints.get(key)       # None: prepared from cond_hint_original
-            out = base.get_control(self, x_noisy, t, cond, batched_number, transformer_options)
-            self.cond_hints[key] = self.cond_hint
-            return out
-
-    control.__class__ = SizeKeyed
-    control.cond_hints = {}
+    """``control`` as newer ComfyUI's ControlNet, which caches its prepared hint per latent size in
+    ``cond_hints`` (upstream PR 15832; tests/upstream.py transcribes it).  Its cache is pre-filled with
+    wrong hints for the canvas and for the tile size: a tile copy sharing that dict would hand every tile
+    of that size that wrong hint."""
+    import qtd_upstream
+    control = qtd_upstream.make_size_keyed(control)
+    for h, w in ((H_PX // 8, W_PX // 8), (TILE // 8, TILE // 8)):
+        control.cond_hints[(h, w)] = torch.full((1, 3, h * 8, w * 8), -7.0)
     return control
 
 

@@ -9,9 +9,11 @@
 * ComfyUI's template browser lists exactly the UI forms (``GET /workflow_templates``) and serves
   them and their thumbnails (``/api/workflow_templates/<pack folder>/<name>.json`` / ``.jpg``);
 * every API form runs (``POST /prompt``) with fixture nodes standing in for the checkpoint and
-  ControlNet loaders and for the captioner (``QTDTestCaptioner`` for ComfyUI's Generate Text,
+  ControlNet loaders, for a model template's split loaders (UNETLoader / CLIPLoader / VAELoader:
+  a tiny model of the family from ``tests/families.py`` that logs what each call is given, the
+  fixture CLIP and a tiny real VAE with the family's latent) and for the captioner (``QTDTestCaptioner`` for ComfyUI's Generate Text,
   whose model cannot be downloaded here) and with CPU-sized canvases and step counts, and the engine's log shows that
-  the sampling was tiled; the Quadtree VAE nodes run exactly with a real (tiny) ComfyUI VAE
+  the sampling was tiled (in the Flux.2 Klein edit upscale, with the reference image cropped to every tile); the Quadtree VAE nodes run exactly with a real (tiny) ComfyUI VAE
   (``QTDTestVAELoader``, in the img2img upscale) and fall back to ComfyUI's tiled VAE, with their
   log line, with the checkpoint fixture's stand-in VAE (the other workflows).
 """
@@ -37,7 +39,7 @@ UI_FILES = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 EXPECTED = {"quadtree_img2img_upscale", "grid_txt2img_large", "spotdiffusion_txt2img",
             "quadtree_upscale_tile_controlnet", "quadtree_upscale_tile_prompts", "wan_video_upscale_context_windows",
-            "quadtree_noise_inversion_upscale"}
+            "quadtree_noise_inversion_upscale", "flux2_klein_edit_upscale"}
 PRIMITIVES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"   # a V3 combo whose chosen option brings its own inputs (ComfyUI 0.8+)
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -47,6 +49,7 @@ PROMPT_TIMEOUT = 300
 RUN_DONE = re.compile(r"\[Quadtree Diffusion\] run done: (\d+) model calls, (\d+) tile evaluations")
 VAE_LINE = re.compile(r"\[Quadtree VAE\] [^\n]*")
 VAE_NODES = ("VAEEncodeTiled_QuadtreeDiffusion", "VAEDecodeTiled_QuadtreeDiffusion")
+FRONTEND_ONLY = ("MarkdownNote", "Note")   # nodes of the frontend only: not in /object_info, not in the API form
 
 
 def load(path):
@@ -170,6 +173,10 @@ def validate_ui(wf: dict, object_info: dict) -> list:
             if key not in n:
                 errs.append(f"node {n.get('id')}: missing {key!r}")
         label = f"node {n.get('id')} ({n.get('type')})"
+        if n.get("type") in FRONTEND_ONLY:
+            if n.get("inputs") or n.get("outputs") or not all(isinstance(v, str) for v in n.get("widgets_values", [])):
+                errs.append(f"{label}: a note has no inputs or outputs, only its text")
+            continue
         info = object_info.get(n.get("type"))
         if info is None:
             errs.append(f"{label}: unknown node type")
@@ -250,7 +257,7 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
     out = {}
     links = {l[0]: l for l in wf["links"]}
     for n in wf["nodes"]:
-        if n.get("mode", 0) != 0:
+        if n.get("mode", 0) != 0 or n["type"] in FRONTEND_ONLY:
             continue
         info = object_info[n["type"]]
         inputs = {}
@@ -346,7 +353,9 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, const
     """Fixture nodes for the loaders that need files that do not exist here (outputs map 1:1) and
     for the captioner (``QTDTestCaptioner``: a caption from each crop's colour and size, or the
     same caption for all with ``constant_captions``); with ``real_vae`` the checkpoint's VAE
-    output is replaced by a tiny real ComfyUI VAE."""
+    output is replaced by a tiny real ComfyUI VAE. The split loaders of a model template
+    (UNETLoader, CLIPLoader, VAELoader) become the tiny model of family ``checkpoint_kind``
+    (tests/families.py), the fixture CLIP and a tiny real VAE with that family's latent."""
     p = copy.deepcopy(prompt)
     ckpts = set()
     for nid, node in p.items():
@@ -361,9 +370,15 @@ def substitute(prompt: dict, checkpoint_kind: str, real_vae: bool = False, const
             node["class_type"] = "QTDTestCaptioner"
             node["inputs"] = {"image": node["inputs"]["image"], "prompt": node["inputs"]["prompt"],
                               "constant": constant_captions}
+        elif node["class_type"] == "UNETLoader":
+            node["class_type"], node["inputs"] = "QTDTestUNETLoader", {"family": checkpoint_kind}
+        elif node["class_type"] == "VAELoader":
+            node["class_type"] = "QTDTestVAELoader"
+            node["inputs"] = {"seed": 0, "latent": FAMILY_VAE_LATENT[checkpoint_kind]}
+    used = {v[0] for node in p.values() for v in node["inputs"].values() if isinstance(v, list)}
     for nid in [k for k, v in p.items() if v["class_type"] == "CLIPLoader"]:
-        if any(isinstance(v, list) and v[0] == nid for n in p.values() for v in n["inputs"].values()):
-            p[nid] = {"class_type": "QTDTestCLIPLoader", "inputs": {}}      # a text encoder (the video example)
+        if nid in used:     # a text encoder (the video and Klein examples)
+            p[nid] = {"class_type": "QTDTestCLIPLoader", "inputs": {}}
         else:
             del p[nid]      # the captioning model's loader (only the captioner used it)
     if real_vae:
@@ -396,7 +411,7 @@ def shrink(prompt: dict, image_name: str, steps: int, video_name: str | None = N
         elif ct == "QuadtreeDiffusion":
             inp["tile_width"], inp["tile_height"] = max(64, inp["tile_width"] // 8), max(64, inp["tile_height"] // 8)
             inp["tile_overlap"] = inp["tile_overlap"] // 8 // 8 * 8
-        elif ct in ("KSampler", "BasicScheduler"):
+        elif ct in ("KSampler", "BasicScheduler", "Flux2Scheduler"):
             inp["steps"] = steps
         elif ct == "SaveImage":
             inp["filename_prefix"] = "example_wf/" + inp["filename_prefix"].split("/")[-1]
@@ -449,7 +464,34 @@ RUNS = {
     "wan_video_upscale_context_windows": ("tiny_wan", 2, {}, False),
     "quadtree_noise_inversion_upscale": ("local", 3, {"inversion_upscale": (128, 128),
                                                       "inversion_visualisation": (128, 128)}, True),
+    # split loaders: the tiny Flux.2 (128-channel latent, 16x) and a tiny real VAE with Flux.2's latent
+    "flux2_klein_edit_upscale": ("Flux2", 3, {"klein_edit_upscale": (128, 128),
+                                              "klein_edit_visualisation": (128, 128)}, True),
 }
+# The latent of the fixture VAE that stands in for a family's VAELoader.
+FAMILY_VAE_LATENT = {"Flux2": "flux2"}
+
+
+# What QTDTestUNETLoader's probe logs for each diffusion-model call (tests/fixture_nodes/split_loaders_fixture.py).
+PROBE = re.compile(r"\[QTD fixture probe\] \w+ call: (\d+) rows of (\d+)x(\d+) latent px; references (.*)")
+PROBE_REF = re.compile(r"(\d+)x(\d+) \((\d+) distinct rows\)")
+
+
+def references_cropped_per_tile(log: str, calls: int, canvas: int = 128 // 16):
+    """The edit-model example (Flux.2, 16x): every tile batch the model was given carries the reference
+    (ReferenceLatent on the prompt; cfg 1 evaluates the positive only) cropped to the tile (reference_mode
+    'crop to tile'), each tile its own crop, and the tiles are smaller than the canvas."""
+    probes = [(int(m[1]), (int(m[2]), int(m[3])), [(int(r[1]), int(r[2]), int(r[3])) for r in PROBE_REF.finditer(m[4])])
+              for m in PROBE.finditer(log)]
+    assert len(probes) >= calls, (calls, log[-3000:])
+    for rows, size, refs in probes:
+        assert max(size) < canvas, (size, canvas)                  # a tile, not the canvas
+        assert [(w, h) for w, h, _ in refs] == [size], (size, refs)    # one reference, the tile's crop of it
+        assert refs[0][2] == rows, (rows, refs)                        # each tile its own crop
+    assert sum(rows for rows, _, _ in probes) > len(probes)        # tiles batched: several crops per call
+
+
+RUN_CHECKS = {"flux2_klein_edit_upscale": references_cropped_per_tile}
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
@@ -480,7 +522,7 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
             assert "Context window" in log or "context windows" in log.lower(), log[-3000:]
 
     runs = [tuple(map(int, m.groups())) for m in RUN_DONE.finditer(log)]
-    samplers = sum(n["class_type"] in ("KSampler", "SamplerCustom") for n in prompt.values())
+    samplers = sum(n["class_type"] in ("KSampler", "SamplerCustom", "SamplerCustomAdvanced") for n in prompt.values())
     assert len(runs) == samplers, f"expected {samplers} tiled sampling run(s) in the log, got {runs}:\n{log[-3000:]}"
     for calls, evaluations in runs:
         assert calls >= steps and evaluations > calls, (calls, evaluations)  # several tiles per call
@@ -489,6 +531,9 @@ def test_api_workflow_runs_tiled_on_the_server(name, comfy_server, object_info, 
     vis = [nid for nid, n in prompt.items() if n["class_type"] == "QuadtreeVisualizer"]
     if vis and not set(vis) <= rl.cached_nodes(history):   # ComfyUI re-runs it only for a new image or settings
         assert "quadtree of 128x128px" in log
+
+    if name in RUN_CHECKS:
+        RUN_CHECKS[name](log, calls)
 
     # one log line per Quadtree VAE node: exact with the real VAE, ComfyUI's tiled VAE otherwise
     vae_nodes = [n["class_type"] for n in prompt.values() if n["class_type"] in VAE_NODES]

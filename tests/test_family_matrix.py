@@ -11,6 +11,11 @@ weights) and it is sampled through ComfyUI's KSampler:
   shape, and every model input a tile the model takes without padding: a multiple of its latent
   patch on both sides, at least its minimum tile size, with channels and frames untouched.
 
+Every input a family relates to the canvas by place (``families.POSITIONAL``: masks, concat latents,
+control / pose / camera / motion frames, per-token and per-frame timesteps, inputs the model resamples)
+is coordinate-coded, and every row of every tiled call must receive it where the canvas call has it at
+the row's canvas place (:func:`test_positional_inputs_meet_each_tile_where_the_canvas_does`).
+
 Families that cannot be image/video-tiled at all are excluded in ``families.EXCLUDED`` with the
 reason; each exclusion's premise is checked here.  The named families of the issue (Qwen-Image,
 Flux.2, Z-Image, HiDream, Chroma, Anima/Cosmos Predict2, HunyuanImage 2.1, LTXV, Wan 2.2) also run
@@ -178,3 +183,138 @@ def test_named_family_both_batches(pack, fx, name):
         outs[mode] = out
     uniform, _, _ = tiled_run(pack, fx, t, "quadtree", 2, variable_denoise="off")
     assert not torch.equal(outs["quadtree"], uniform), "variable denoise changed nothing"
+
+
+# --------------------------------------------------------------------------- positions (issue 20)
+
+class Received:
+    """What the diffusion model receives in each call (forward pre-hook: x, t and its keyword inputs), and
+    what the submodules named "in:<path>" receive / "out:<path>" make, one entry per call."""
+
+    def __init__(self, dm, names):
+        self.calls, self.mods = [], {n: [] for n in names if ":" in n}
+        self.hooks = [dm.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        for n in self.mods:
+            kind, path = n.split(":", 1)
+            mod, rec = dm.get_submodule(path), self.mods[n].append
+            self.hooks.append(mod.register_forward_pre_hook(lambda m, a, rec=rec: rec(a[0].detach().clone()))
+                              if kind == "in" else
+                              mod.register_forward_hook(lambda m, a, o, rec=rec: rec(o.detach().clone())))
+
+    def _pre(self, module, args, kwargs):
+        d = {k: v.detach().clone() for k, v in kwargs.items() if torch.is_tensor(v)}
+        d["x"], d["t"] = args[0].detach().clone(), args[1].detach().clone()
+        self.calls.append(d)
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+
+    def value(self, i, name, latent_channels):
+        if name == "c_concat":
+            return self.calls[i]["x"][:, latent_channels:]
+        return self.mods[name][i] if ":" in name else self.calls[i][name]
+
+
+def received(pack, fx, t, names, **tiling):
+    """(Received, CallLog) of one sampler step (CFG 2, fixed noise: every latent place has values of its own)
+    from the family's latent; tiled by Quadtree Diffusion with ``tiling`` when it is given."""
+    import nodes as comfy_nodes
+    m, log = fx.logged(t.model)
+    if tiling:
+        m = node_model(pack, fx, m, variable_denoise="off", **tiling)
+    rec = Received(t.model.model.diffusion_model, names)
+    lat = {"samples": batch(t, 1)}
+    if "noise_mask" in t.extra:
+        lat["noise_mask"] = t.extra["noise_mask"]
+    try:
+        comfy_nodes.KSamplerAdvanced().sample(m, "enable", 1, 4, 2.0, "euler", "simple", t.positive, t.negative,
+                                              lat, 2, 3, "enable")
+    finally:
+        rec.close()
+    assert len(rec.calls) == len(log.calls) and all(len(v) == len(rec.calls) for v in rec.mods.values())
+    return rec, log
+
+
+def places(tile, canvas, tol: float) -> list[tuple[int, int]]:
+    """Every (Y, X) at which ``tile`` [..., h, w] is ``canvas`` [..., Y:Y+h, X:X+w] (same leading dims)."""
+    h, w = tile.shape[-2:]
+    H, W = canvas.shape[-2:]
+    if tile.shape[:-2] != canvas.shape[:-2] or h > H or w > W:
+        return []
+    first = (canvas[..., :H - h + 1, :W - w + 1] - tile[..., :1, :1]).abs()
+    hits = first.reshape(-1, H - h + 1, W - w + 1).amax(0) <= tol
+    return [(Y, X) for Y, X in hits.nonzero().tolist() if (canvas[..., Y:Y + h, X:X + w] - tile).abs().max() <= tol]
+
+
+def latent_place(x, canvas_x) -> tuple[int, int]:
+    """(row, col) on the canvas of a model-input row's latent ``x`` [C, (T,) h, w]: where the canvas call's
+    latent (noise: unique per place) holds it."""
+    found = places(x, canvas_x, 1e-6)
+    assert len(found) == 1, f"the tile's latent is at {found} of the canvas's, not at one place"
+    return found[0]
+
+
+def as_picture(v, x):
+    """A timestep row per token of the latent row ``x`` [C, T, h, w] as [T, h, w]; anything else as is."""
+    n = x[0].numel()
+    return v.reshape(x.shape[1:]) if x.ndim == 4 and v.numel() == n else v
+
+
+def check_places(rec, log, canvas_rec, canvas_log, names, C, H, W) -> set:
+    """Every row of every tiled call: each named input is, exactly and only, the canvas call's at the place of
+    the row's latent (at the input's scale); a timestep per frame (or per row) is the canvas call's.  Returns
+    the latent places seen."""
+    (cl,) = canvas_log.calls
+    n_chunks = len(cl.cou)
+    Nc = cl.x.shape[0]
+    B = Nc // n_chunks
+    seen = set()
+    for i, call in enumerate(log.calls):
+        assert call.cou == cl.cou
+        k = call.x.shape[0] // Nc
+        for r in range(call.x.shape[0]):
+            cr = r // (k * B) * B + r % B
+            y0, x0 = latent_place(rec.calls[i]["x"][r, :C], canvas_rec.calls[0]["x"][cr, :C])
+            seen.add((y0, x0))
+            for name in names:
+                xr = rec.calls[i]["x"][r, :C]
+                v = as_picture(rec.value(i, name, C)[r], xr)
+                cv = as_picture(canvas_rec.value(0, name, C)[cr], canvas_rec.calls[0]["x"][cr, :C])
+                tol = 1e-5 * (1 + cv.abs().max().item())
+                if v.ndim < 2 or v.shape[-2:] == cv.shape[-2:] and v.ndim < 3:     # per frame / per row
+                    assert (v - cv).abs().max() <= tol, f"{name}: tile at {(y0, x0)} differs from the canvas's"
+                    continue
+                sy, sx = cv.shape[-2] / H, cv.shape[-1] / W
+                Y, X = y0 * sy, x0 * sx
+                assert Y == int(Y) and X == int(X), \
+                    f"{name}: the tile at latent {(y0, x0)} does not start on its grid ({1 / sy:g} latent px)"
+                found = places(v, cv, tol)
+                assert found == [(int(Y), int(X))], \
+                    f"{name}: the tile at latent {(y0, x0)} meets it at {found}, the canvas at {(int(Y), int(X))}"
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(fam.POSITIONAL))
+def test_positional_inputs_meet_each_tile_where_the_canvas_does(pack, fx, name):
+    """Every model input of the family that relates to the canvas by place (families.POSITIONAL: masks, concat
+    latents, control / pose / camera / motion frames, per-token and per-frame timesteps, inputs the model
+    resamples itself), as the diffusion model receives it in each tiled call: for every row, it is the canvas
+    call's input at the canvas place of the row's latent, and nowhere else (the latent and the inputs are
+    coordinate-coded).  Grid at tile batch 4 and quadtree at tile batch 2, CFG 2, through the real KSampler."""
+    if name not in FAMILIES:
+        pytest.skip(f"this ComfyUI has no {name} family")
+    t = tiny(name)
+    names = fam.POSITIONAL[name]
+    c = pack.utils.latent_compression(t.model.model)
+    canvas_rec, canvas_log = received(pack, fx, t, names)
+    (cl,) = canvas_log.calls
+    C, (H, W) = cl.x.shape[1], cl.x.shape[-2:]
+    for name_ in names:        # coded: a picture input of the canvas call differs from place to place
+        v = as_picture(canvas_rec.value(0, name_, C)[0], canvas_rec.calls[0]["x"][0, :C])
+        assert v.ndim < 3 or not torch.equal(v, v.flatten()[0].expand_as(v)), f"{name_} is not coded"
+    for tiling in (dict(tile_width=t.tile * c, tile_height=t.tile * c, tile_overlap=t.tile * c // 2, tile_batch_size=4),
+                   dict(quadtree=quadtree(pack, fx, t), tile_overlap=t.tile * c // 4, tile_batch_size=2)):
+        rec, log = received(pack, fx, t, names, **tiling)
+        seen = check_places(rec, log, canvas_rec, canvas_log, names, C, H, W)
+        assert len(seen) > 1 and (0, 0) in seen, seen

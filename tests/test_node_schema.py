@@ -164,12 +164,17 @@ def test_pack_registers_through_comfy_entrypoint_only(pack):
         assert cls is getattr(pack.nodes, node_id), node_id      # what in-process callers use
 
 
-def test_v3_api_is_pinned_to_v0_0_2():
-    with open(os.path.join(fx.REPO_ROOT, "nodes.py"), encoding="utf-8") as f:
-        src = f.read()
-    assert "from comfy_api.v0_0_2 import ComfyExtension, io" in src
-    imports = re.findall(r"^\s*(?:from|import)\s+(comfy_api\S*)", src, flags=re.M)
-    assert imports == ["comfy_api.v0_0_2"], imports
+def test_v3_api_is_pinned_to_v0_0_2(pack):
+    """The nodes are defined with ``comfy_api.v0_0_2`` (``self_check.node_api``; ``comfy_api.latest`` only where
+    v0_0_2 is missing: tests/test_drift.py), and no module of the pack imports a node API of its own."""
+    import comfy_api.v0_0_2 as pinned
+    assert pack.self_check.NODE_API_PINNED == "comfy_api.v0_0_2"
+    assert pack.nodes.io is pinned.io and pack.nodes.ComfyExtension is pinned.ComfyExtension
+    for name in sorted(os.listdir(fx.REPO_ROOT)):
+        if name.endswith(".py") and name != "self_check.py":
+            with open(os.path.join(fx.REPO_ROOT, name), encoding="utf-8") as f:
+                imports = re.findall(r"^\s*(?:from|import)\s+(comfy_api\S*)", f.read(), flags=re.M)
+            assert imports == [], (name, imports)
 
 
 @pytest.mark.parametrize("node_id", list(EXPECTED))

@@ -8,11 +8,14 @@ Installed into a test server's ``custom_nodes`` folder (as a symlink) by tests/s
   ComfyUI lacks it (``captioner_fixture.py``): the captioner of the per-tile prompt example.
 * ``QTDTestCancelProbe`` (model, stage, at_call) -> MODEL: holds a run until Cancel and logs any
   model call made after it (``cancel_probe.py``).
-* ``QTDTestCLIPLoader`` / ``QTDTestVideoVAELoader``: the video example's text encoder and video VAE
-  (``video_fixture.py``); its diffusion model is ``QTDTestCheckpointLoader`` kind ``tiny_wan``.
-* ``QTDTestVAELoader`` (seed) -> VAE: a tiny real ``comfy.sd.VAE`` (ComfyUI's AutoencoderKL with
-  seeded weights, ``fx.tiny_vae``), which the Quadtree VAE nodes run exactly; the checkpoint
-  loader's VAE (a duck-typed linear stand-in) makes them fall back to ComfyUI's tiled VAE.
+* ``QTDTestVideoVAELoader``: the video example's video VAE (``video_fixture.py``); its text encoder
+  is ``QTDTestCLIPLoader`` and its diffusion model ``QTDTestCheckpointLoader`` kind ``tiny_wan``.
+* ``QTDTestVAELoader`` (seed, latent) -> VAE: a tiny real ``comfy.sd.VAE`` (ComfyUI's AutoencoderKL with
+  seeded weights, ``fx.tiny_vae``; SD's latent, or Flux.2's with ``latent`` = ``flux2``), which the
+  Quadtree VAE nodes run exactly; the checkpoint loader's VAE (a duck-typed linear stand-in) makes
+  them fall back to ComfyUI's tiled VAE.
+* ``QTDTestUNETLoader`` / ``QTDTestCLIPLoader``: stand-ins for ComfyUI's split loaders
+  (``split_loaders_fixture.py``; the Flux.2 Klein example workflow).
 
 ``tests/fixtures.py`` is found through ``$QTD_FIXTURES_PY`` or next to this package's real
 (symlink-resolved) folder, and loaded by file path as module ``qtd_fixtures``.
@@ -22,28 +25,30 @@ import os
 import sys
 
 
-def _load_fixtures():
-    if "qtd_fixtures" in sys.modules:
-        return sys.modules["qtd_fixtures"]
+def load_test_module(name: str, filename: str, env: str | None = None):
+    """``tests/<filename>`` loaded by file path as module ``name`` (once), found through ``$<env>`` or next
+    to this package's real (symlink-resolved) folder."""
+    if name in sys.modules:
+        return sys.modules[name]
     candidates = [
-        os.environ.get("QTD_FIXTURES_PY"),
-        os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "fixtures.py"),
+        os.environ.get(env) if env else None,
+        os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), filename),
     ]
     for path in candidates:
         if path and os.path.isfile(path):
-            spec = importlib.util.spec_from_file_location("qtd_fixtures", path)
+            spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
-            sys.modules["qtd_fixtures"] = module
+            sys.modules[name] = module
             try:
                 spec.loader.exec_module(module)
             except BaseException:
-                sys.modules.pop("qtd_fixtures", None)
+                sys.modules.pop(name, None)
                 raise
             return module
-    raise ImportError(f"tests/fixtures.py not found (tried {candidates}); set QTD_FIXTURES_PY")
+    raise ImportError(f"tests/{filename} not found (tried {candidates})" + (f"; set {env}" if env else ""))
 
 
-fx = _load_fixtures()
+fx = load_test_module("qtd_fixtures", "fixtures.py", "QTD_FIXTURES_PY")
 
 
 class QTDTestCheckpointLoader:
@@ -83,20 +88,27 @@ class QTDTestConditioning:
         return (fx.tiny_conditioning(text),)
 
 
+# The latents QTDTestVAELoader's VAE makes: name -> fx.tiny_vae arguments.
+VAE_LATENTS = {"sd": {},                                                 # 4 channels, 8x
+               "flux2": {"z_channels": 32, "batch_norm_latent": True}}   # Flux.2's: 128 channels (2x2-packed), 16x
+
+
 class QTDTestVAELoader:
     """A tiny real ComfyUI VAE (stands in for VAELoader / a checkpoint's VAE)."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Weight seed."})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Weight seed."})},
+                "optional": {"latent": (list(VAE_LATENTS), {"default": "sd", "tooltip": "The latent it makes: SD's "
+                                                            "(4 channels, 8x) or Flux.2's (128 channels, 16x)."})}}
 
     RETURN_TYPES = ("VAE",)
     FUNCTION = "load"
     CATEGORY = "_for_testing/quadtree_diffusion"
     DESCRIPTION = "Test fixture: ComfyUI's AutoencoderKL, 32/64 channels, seeded weights."
 
-    def load(self, seed):
-        return (fx.tiny_vae(seed=seed),)
+    def load(self, seed, latent="sd"):
+        return (fx.tiny_vae(seed=seed, **VAE_LATENTS[latent]),)
 
 
 NODE_CLASS_MAPPINGS = {
@@ -118,6 +130,7 @@ from .denoiser_fixture import NODE_CLASS_MAPPINGS as _DN_NODES, NODE_DISPLAY_NAM
 from .captioner_fixture import NODE_CLASS_MAPPINGS as _CAP_NODES, NODE_DISPLAY_NAME_MAPPINGS as _CAP_NAMES  # noqa: E402
 from .cancel_probe import NODE_CLASS_MAPPINGS as _CP_NODES, NODE_DISPLAY_NAME_MAPPINGS as _CP_NAMES  # noqa: E402
 from .video_fixture import NODE_CLASS_MAPPINGS as _VID_NODES, NODE_DISPLAY_NAME_MAPPINGS as _VID_NAMES  # noqa: E402
+from .split_loaders_fixture import NODE_CLASS_MAPPINGS as _SPLIT_NODES, NODE_DISPLAY_NAME_MAPPINGS as _SPLIT_NAMES  # noqa: E402,E501
 
 NODE_CLASS_MAPPINGS.update(_CN_NODES)
 NODE_CLASS_MAPPINGS.update(_DN_NODES)
@@ -129,3 +142,5 @@ NODE_DISPLAY_NAME_MAPPINGS.update(_VID_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_CAP_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_CN_NAMES)
 NODE_DISPLAY_NAME_MAPPINGS.update(_DN_NAMES)
+NODE_CLASS_MAPPINGS.update(_SPLIT_NODES)
+NODE_DISPLAY_NAME_MAPPINGS.update(_SPLIT_NAMES)

@@ -88,20 +88,6 @@ class FixtureVideoVAE:
         return self.decode(samples)
 
 
-class QTDTestCLIPLoader:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-    CATEGORY = "_for_testing/quadtree_diffusion"
-    DESCRIPTION = "Test fixture: the hashing CLIP (stands in for CLIPLoader)."
-
-    def load(self):
-        return (_fx().FixtureCLIP(),)
-
-
 class QTDTestVideoVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
@@ -116,6 +102,5 @@ class QTDTestVideoVAELoader:
         return (FixtureVideoVAE(),)
 
 
-NODE_CLASS_MAPPINGS = {"QTDTestCLIPLoader": QTDTestCLIPLoader, "QTDTestVideoVAELoader": QTDTestVideoVAELoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"QTDTestCLIPLoader": "QTD Test CLIP Loader",
-                              "QTDTestVideoVAELoader": "QTD Test Video VAE Loader"}
+NODE_CLASS_MAPPINGS = {"QTDTestVideoVAELoader": QTDTestVideoVAELoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"QTDTestVideoVAELoader": "QTD Test Video VAE Loader"}
