@@ -53,13 +53,17 @@ class ModelCall:
 
     ``apply_model`` is the (per-device) ``BaseModel.apply_model`` ComfyUI handed the unet wrapper;
     ``inner`` a ``model_function_wrapper`` that was on the model before ours (called per tile
-    batch); ``extra``/``kwargs`` whatever else ComfyUI passed our wrapper, forwarded unchanged.
+    batch); ``more`` the keys of ComfyUI's ``args`` beyond the four the engine tiles (a newer
+    ComfyUI may add some, e.g. ``cond_scale``), and ``extra``/``kwargs`` whatever else it passed our
+    wrapper: all forwarded unchanged to ``inner``.
     """
 
-    __slots__ = ("apply_model", "inner", "extra", "kwargs")
+    __slots__ = ("apply_model", "inner", "extra", "kwargs", "more")
+    TILED = ("input", "timestep", "c", "cond_or_uncond")
 
-    def __init__(self, apply_model, inner=None, extra=(), kwargs=None):
+    def __init__(self, apply_model, inner=None, extra=(), kwargs=None, args=None):
         self.apply_model, self.inner, self.extra, self.kwargs = apply_model, inner, tuple(extra), kwargs or {}
+        self.more = {k: v for k, v in (args or {}).items() if k not in self.TILED}
 
     @property
     def base(self):
@@ -68,8 +72,8 @@ class ModelCall:
 
     def __call__(self, x, t, c, cond_or_uncond):
         if self.inner is not None:
-            return self.inner(self.apply_model, {"input": x, "timestep": t, "c": c, "cond_or_uncond": cond_or_uncond},
-                              *self.extra, **self.kwargs)
+            return self.inner(self.apply_model, {"input": x, "timestep": t, "c": c, "cond_or_uncond": cond_or_uncond,
+                                                 **self.more}, *self.extra, **self.kwargs)
         return self.apply_model(x, t, **c)
 
 
@@ -103,7 +107,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
         to = c.get("transformer_options", {})
         mf.check_transformer_options(to)
         run: RunState | None = to.get(RUN_KEY)
-        model = ModelCall(apply_model, self.inner, extra, kwargs)
+        model = ModelCall(apply_model, self.inner, extra, kwargs, args)
         base = model.base
         H, W = int(x.shape[-2]), int(x.shape[-1])
         n_chunks = len(cou) if cou and x.shape[0] % len(cou) == 0 else 1

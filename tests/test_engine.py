@@ -236,6 +236,7 @@ def test_wrappers_forward_arguments_they_do_not_know(pack, fx, local):
 
     def inner_unet(apply_model, args, *extra, **kwargs):
         seen.setdefault("unet", []).append((extra, kwargs))
+        seen.setdefault("unet_args", []).append(sorted(args))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     base = local.clone()
@@ -246,7 +247,8 @@ def test_wrappers_forward_arguments_they_do_not_know(pack, fx, local):
     for kind in kinds:
         m.add_wrapper_with_key(kind, "z_inner_probe", inner(kind))
     engine = m.model_options["model_function_wrapper"]
-    m.set_model_unet_function_wrapper(lambda f, a: engine(f, a, "positional", qtd_probe="unet"))
+    # a newer ComfyUI's args may hold more than the four keys the engine tiles (one fork adds cond_scale)
+    m.set_model_unet_function_wrapper(lambda f, a: engine(f, {**a, "cond_scale": 4.0}, "positional", qtd_probe="unet"))
     pos, neg = conds(fx)
     out = fx.run_ksampler(m, pos, neg, source_latent(256, 256), steps=2, denoise=0.5)
     assert torch.isfinite(out).all()
@@ -254,6 +256,8 @@ def test_wrappers_forward_arguments_they_do_not_know(pack, fx, local):
         assert seen.get(kind) and all(v == kind for v in seen[kind]), (kind, seen.get(kind))
     # 2x2 tiles in batches of 2, two steps: every tile batch's call got the extra arguments
     assert len(seen["unet"]) == 4 and all(e == (("positional",), {"qtd_probe": "unet"}) for e in seen["unet"])
+    # ... and the args keys the engine does not tile, unchanged
+    assert all(a == ["c", "cond_or_uncond", "cond_scale", "input", "timestep"] for a in seen["unet_args"]), seen["unet_args"]
 
 
 def test_nodes_and_runs_leave_the_input_model_unchanged(pack, fx, local):
