@@ -12,6 +12,7 @@ Mixed into ``tiled_diffusion.TiledDiffusion`` (its ``cfg`` and plan cache).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class RunState:
     shapes: set = field(default_factory=set)     # distinct input shapes the model was called with
     logged: set = field(default_factory=set)
     context_handler: object = None               # ComfyUI's temporal context handler, if the model has one
+    devices: object = None                       # the devices tiles are spread over (tile_devices.DeviceSet)
+    lock: object = field(default_factory=threading.Lock)    # counting from several devices' threads
 
     def source_frames(self, to: dict, x: torch.Tensor) -> torch.Tensor | None:
         """The source latent at the frames of the model input ``x``: the whole source when its
@@ -62,6 +65,10 @@ class RunState:
 
     def count_call(self, x: torch.Tensor):
         """One call of the model itself (a tile batch): its rows and input shape."""
+        with self.lock:
+            self._count(x)
+
+    def _count(self, x: torch.Tensor):
         st = self.stats
         st["batches"] += 1
         st["rows"] += int(x.shape[0])
@@ -215,8 +222,9 @@ class SamplingRun:
             log.warning("%s WARNING - the sampler never reported a finished step (it called no callback): "
                         "per-step settings (variable denoise, SpotDiffusion shifts) stayed at the first step; "
                         "use a KSampler / SamplerCustom sampler", PV)
-        log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
+        log.info("%s run done: %d model calls, %d tile evaluations%s; saved %d by schedule and %d by "
                  "skip (of %d for all tiles at every call)%s; %s", P, s["calls"], s["tiles"],
+                 f" (per device: {run.devices.describe()})" if run.devices is not None else "",
                  s["schedule_saved"], s["skip_saved"], s["full"],
                  f"; mask prompts: {s['mask_apart']} window evaluations in calls without every prompt's rows, "
                  f"{s['mask_saved']} saved where their mask is 0" if s["mask_saved"] else "", run_calls(run))

@@ -306,6 +306,16 @@ class DeferredControl:
         return DeferredControl(self.control, self.batched_number, self.transformer_options, tuple(items),
                                self.hints, self.extra)
 
+    def for_device(self, device):
+        """The marker for ``device`` (ComfyUI's multi-GPU per-device control, ``get_instance_for_device``):
+        the same rows, hints and arguments with that device's control instance (itself where none)."""
+        per_device = getattr(self.control, "get_instance_for_device", None)
+        control = self.control if per_device is None else per_device(device)
+        if control is self.control:
+            return self
+        return DeferredControl(control, self.batched_number, self.transformer_options, self.items, self.hints,
+                               self.extra)
+
     def tile_control(self, xt, tt, ct, tb):
         """Control for the tile batch ``xt`` (rows ``[chunk][tile][batch item]``).
 

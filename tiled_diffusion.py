@@ -30,6 +30,7 @@ from . import regional
 from . import self_check
 from . import spot_diffusion as sd
 from . import tile_conditioning as tcond
+from . import tile_devices as tdev
 from . import variable_denoise as vd
 from .chunk_parts import ChunkParts
 from .tile_calls import TileCalls
@@ -219,12 +220,23 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
 
     def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run):
         """M = sum over the evaluated windows of weight_t * x0_t (SpotDiffusion: each window's x0 on
-        its core, the weights 1 there and 0 on its context), model calls batched by window size.
-
-        Per tile batch: one indexed read of the k windows (``gather``), the model kwargs cut to them,
-        one model call, one indexed write back (``blend``); ``plan.frame`` places the windows on the
-        canvas (an area plan's start at its box)."""
+        its core, the weights 1 there and 0 on its context), model calls batched by window size;
+        spread over ComfyUI's multi-GPU devices when the call has them (tile_devices.py)."""
+        devices = tdev.devices_of(c)
+        if devices is not None:
+            return devices.evaluate(self, model, x, t, c, cou, n_chunks, plan, ev, run)
         import comfy.model_management as mm
+        batches = ev.batches(lambda size, n: self._batch_size(run, model, x, n_chunks, size, n))
+        return self._evaluate_batches(model, x, t, c, cou, n_chunks, plan, ev, run, batches,
+                                      mm.throw_exception_if_processing_interrupted)
+
+    def _evaluate_batches(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run, batches,
+                          check, place=None):
+        """``_evaluate`` for the tile batches ``batches`` ((group, slice) of ``ev``), on x's device.
+
+        Per tile batch: ``check()`` (the interrupt), one indexed read of the k windows (``gather``), the
+        model kwargs cut to them (``place``d on the device), one model call, one indexed write back
+        (``blend``); ``plan.frame`` places the windows on the canvas (an area plan's start at its box)."""
         N = x.shape[0]
         H, W = ev.H, ev.W
         B = N // n_chunks
@@ -236,11 +248,12 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
         refs.check_canvas_grid(c, model.base, H, W, batch_of(ev.windows, ev.ids))
         rs = refs.ref_set(model.base, c, H, W, mf.spatial_patch(model.base), self.cfg.reference_mode)
-        for g, sl in ev.batches(lambda size, n: self._batch_size(run, model, x, n_chunks, size, n)):
-            mm.throw_exception_if_processing_interrupted()
+        for g, sl in batches:
+            check()
             wins = ev.windows_of(g, sl)
-            pos = positions(g.starts[sl], *g.size, W, x.device)
-            xt = gather(x, n_chunks, g.starts[sl], *g.size, pos)
+            starts = g.starts[sl].to(x.device)
+            pos = positions(starts, *g.size, W, x.device)
+            xt = gather(x, n_chunks, starts, *g.size, pos)
             tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
             ct = tile_cond(c, wins, n_chunks, N, H, W, rep, whole)
             if prompts is not None:
@@ -254,6 +267,8 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
             if rs is not None:      # reference images: each tile meets them where the canvas does
                 ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, model.base,
                                                   run.hints if run is not None else rep)
+            if place is not None:
+                ct = place(ct)
             deferred = ct.get("control")
             if hasattr(deferred, "tile_control"):
                 ct["control"] = deferred.tile_control(xt, tt, ct, tb)
@@ -262,7 +277,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
                 rpatch.check(model.base)
             if run is not None:
                 run.count_call(xt)
-            blend(out, pred, n_chunks, g.starts[sl], ev.batch_weights(g, sl), g.cores_only, pos)
+            blend(out, pred, n_chunks, starts, ev.batch_weights(g, sl).to(x.device), g.cores_only, pos)
         return out
 
 
@@ -283,7 +298,8 @@ def tiled_model(model, cfg: TileConfig):
                           ("PREPARE_SAMPLING", WRAPPER_KEY, engine.prepare_sampling),
                           ("CALC_COND_BATCH", WRAPPER_KEY, TileControl(engine).calc_cond_batch),
                           ("CALC_COND_BATCH", tcond.KEY, tcond.TilePromptConds().calc_cond_batch),
-                          ("CALC_COND_BATCH", regional.KEY, regional.RegionRecorder().calc_cond_batch)):
+                          ("CALC_COND_BATCH", regional.KEY, regional.RegionRecorder().calc_cond_batch),
+                          ("CALC_COND_BATCH", tdev.KEY, tdev.TileDevices(engine).calc_cond_batch)):
         if kind in kinds:
             m.remove_wrappers_with_key(kinds[kind], key)
             m.add_wrapper_with_key(kinds[kind], key, fn)
