@@ -222,12 +222,12 @@ class SamplingRun:
             log.warning("%s WARNING - the sampler never reported a finished step (it called no callback): "
                         "per-step settings (variable denoise, SpotDiffusion shifts) stayed at the first step; "
                         "use a KSampler / SamplerCustom sampler", PV)
-        log.info("%s run done: %d model calls, %d tile evaluations%s; saved %d by schedule and %d by "
-                 "skip (of %d for all tiles at every call)%s; %s", P, s["calls"], s["tiles"],
-                 f" (per device: {run.devices.describe()})" if run.devices is not None else "",
+        log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
+                 "skip (of %d for all tiles at every call)%s; %s%s", P, s["calls"], s["tiles"],
                  s["schedule_saved"], s["skip_saved"], s["full"],
                  f"; mask prompts: {s['mask_apart']} window evaluations in calls without every prompt's rows, "
-                 f"{s['mask_saved']} saved where their mask is 0" if s["mask_saved"] else "", run_calls(run))
+                 f"{s['mask_saved']} saved where their mask is 0" if s["mask_saved"] else "", run_calls(run),
+                 f"; tile evaluations per device: {run.devices.describe()}" if run.devices is not None else "")
 
     def _log_plan(self, plan: Plan, run: RunState, item: int = 0):
         cfg = self.cfg

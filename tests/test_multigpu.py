@@ -200,7 +200,7 @@ def test_two_devices_equal_one_device(pack, fx, local, photo, source, kind, cfg,
     assert threading.current_thread().name not in rows.threads["cpu"] | rows.threads["cpu:1"]
     assert not rows.threads["cpu"] & rows.threads["cpu:1"]                # each device on its own worker
     line = run_done(caplog)
-    assert f"(per device: cpu {tiles['cpu']}, cpu:1 {tiles['cpu:1']})" in line, line
+    assert line.endswith(f"; tile evaluations per device: cpu {tiles['cpu']}, cpu:1 {tiles['cpu:1']}"), line
 
 
 @needs_multigpu
@@ -216,6 +216,52 @@ def test_relative_speeds_weight_the_shares(pack, fx, local, photo, source, caplo
         rows.remove()
     tiles = {d: sum(r) for d, r in rows.rows.items()}
     assert tiles == {"cpu": 2 * 6, "cpu:1": 2 * 18}        # 24 equal tiles per step: 6 + 18
+
+
+def core(name):
+    import nodes as comfy_nodes
+    return comfy_nodes.NODE_CLASS_MAPPINGS[name]
+
+
+def prompted(pack, fx, kind):
+    """(model options, positive): tile prompts on a 2 x 2 grid of cells, or a regional prompt (an area,
+    a plain mask) combined with the base prompt."""
+    base, region = fx.tiny_conditioning("a photo"), fx.tiny_conditioning("a red barn", tokens=154)
+    if kind == "tile_prompts":
+        (cells,) = fx.call_node(pack.nodes.QuadtreeGridLayout, width=W_PX, height=H_PX, tile_width=W_PX // 2,
+                                tile_height=H_PX // 2, denoise=1.0)
+        prompts = [fx.tiny_conditioning(f"tile {i}", tokens=77 * (1 + i % 2)) for i in range(4)]
+        (pos,) = fx.call_node(pack.nodes.QuadtreeTileConditioning, conditioning=[base], quadtree=[cells],
+                              tile_conditioning=prompts)
+        return {"quadtree": cells, "tile_width": 64, "tile_height": 64, "tile_overlap": 0}, pos
+    if kind == "area":
+        (r,) = fx.call_node(core("ConditioningSetArea"), conditioning=region, width=192, height=128, x=96, y=64,
+                            strength=1.0)
+    else:
+        mask = torch.zeros(1, H_PX, W_PX)
+        mask[:, 64:192, 96:288] = 1.0
+        (r,) = fx.call_node(core("ConditioningSetMask"), conditioning=region, mask=mask, strength=1.0,
+                            set_cond_area="default")
+    return {}, fx.call_node(core("ConditioningCombine"), conditioning_1=base, conditioning_2=r)[0]
+
+
+@needs_multigpu
+@pytest.mark.parametrize("kind", ["tile_prompts", "area", "mask"])
+def test_prompts_on_two_devices_equal_one_device(pack, fx, local, source, kind):
+    """Tile prompts and regional prompts (an area call, a mask prompt) give the one-device result,
+    both devices working."""
+    opts, pos = prompted(pack, fx, kind)
+    neg = fx.tiny_conditioning("blurry")
+    m = tiled(pack, fx, local, **opts)
+    ref = fx.run_ksampler(m, pos, neg, source, steps=2, cfg=4.0, denoise=0.6)
+    mg = on_two_devices(m, (fx.local_model, (0,)))
+    rows = Rows(device_models(mg))
+    try:
+        out = fx.run_ksampler(mg, pos, neg, source, steps=2, cfg=4.0, denoise=0.6)
+    finally:
+        rows.remove()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert all(rows.rows.values()), rows.rows
 
 
 # --------------------------------------------------------------------------- ControlNet
