@@ -316,6 +316,18 @@ class DeferredControl:
         return DeferredControl(control, self.batched_number, self.transformer_options, self.items, self.hints,
                                self.extra)
 
+    def prepare_hints(self, t, H: int, W: int, device) -> None:
+        """Prepare now, on the calling thread, the canvas hint of every active control of the chain for
+        ``device`` (kept in the run's hints, as the tile batches would prepare it): several devices'
+        workers then only crop, and a latent-input ControlNet's VAE encode (ComfyUI's model loading)
+        never runs on two threads at once."""
+        control = self.control
+        while control is not None:
+            if (_kind(control) != "other" and _active(control, t)
+                    and getattr(control, "cond_hint_original", None) is not None):
+                canvas_hint(control, H, W, device, self.hints)
+            control = getattr(control, "previous_controlnet", None)
+
     def tile_control(self, xt, tt, ct, tb):
         """Control for the tile batch ``xt`` (rows ``[chunk][tile][batch item]``).
 

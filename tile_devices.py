@@ -19,7 +19,9 @@ For a tiled model the *tile* split applies instead (README, Multi-GPU, says why)
    cut into one contiguous share per device in proportion to its relative speed (ComfyUI's
    ``load_balance_devices`` on the windows' pixels, :func:`owners`); each device's share runs in
    tile batches on that device's pool worker, through its model clone, with the call's inputs
-   copied to it and its own ControlNet instance (``get_instance_for_device``), and is blended into
+   copied to it and its own ControlNet instance (``get_instance_for_device``; its canvas hint
+   prepared beforehand on the calling thread, so a latent-input ControlNet's VAE never encodes on
+   two threads at once; the workers only crop it), and is blended into
    a canvas buffer of its own; the buffers are summed on the output device in device order
    (deterministic, bounded by one canvas per device);
 3. a device that fails (an error, or the interrupt, which ComfyUI's check clears when one thread
@@ -174,6 +176,10 @@ class DeviceSet:
         stop = threading.Event()
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         jobs = [(d, share) for d, share in zip(self.devices, self.shares(ev)) if share]
+        deferred = c.get("control")
+        if hasattr(deferred, "prepare_hints"):      # on this thread: the workers only crop
+            for d, _ in jobs:
+                deferred.for_device(d).prepare_hints(t, ev.H, ev.W, torch.empty(0, device=d).device)
         results = self._run([(d, self._work, (engine, d, share, model, x, t, c, cou, n_chunks, plan, ev, run,
                                                stop, modes)) for d, share in jobs])
         errors = [e for _, e in results if e is not None]

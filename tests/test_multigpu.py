@@ -268,10 +268,11 @@ def test_prompts_on_two_devices_equal_one_device(pack, fx, local, source, kind):
 
 @needs_multigpu
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
-def test_controlnet_each_device_clone_gets_its_tiles_crops(pack, fx, cfg):
+def test_controlnet_each_device_clone_gets_its_tiles_crops(pack, fx, cfg, monkeypatch):
     """With a ControlNet: the same result as one device; each device's control clone (ComfyUI's
     per-device deep clone) computes control for exactly the tiles that device evaluated, each tile
-    with its own crop of the hint, and together they see every tile at every step."""
+    with its own crop of the hint, and together they see every tile at every step.  Each device's
+    canvas hint is prepared once, on the sampler's thread (the workers only crop)."""
     sd15 = fx.tiny_sd15(0)
     control, _ = cn.tiny_controlnet(fx, 11)
     img = cn.gradient(1)
@@ -284,12 +285,21 @@ def test_controlnet_each_device_clone_gets_its_tiles_crops(pack, fx, cfg):
     main = pos[0][1]["control"]
     rec_main = main.control_model
     rec_main.calls.clear()
+    prepared = []
+    real = pack.tile_control.canvas_hint
+
+    def spy(control, H, W, device, cache):
+        if (id(control), H, W, str(device)) not in cache:
+            prepared.append(threading.current_thread().name)
+        return real(control, H, W, device, cache)
+    monkeypatch.setattr(pack.tile_control, "canvas_hint", spy)
     rows = Rows(device_models(mg))
     try:
         out = fx.run_ksampler(mg, pos, neg, lat, steps=cn.STEPS, cfg=cfg)
     finally:
         rows.remove()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert prepared == [threading.current_thread().name] * 2, prepared
     dev = main.multigpu_clones[SECOND]               # made by ComfyUI's preprocess_multigpu_conds
     rec_dev = dev.control_model
     n_chunks = 1 if cfg == 1.0 else 2
