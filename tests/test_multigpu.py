@@ -204,6 +204,21 @@ def test_two_devices_equal_one_device(pack, fx, local, photo, source, kind, cfg,
 
 
 @needs_multigpu
+def test_multigpu_split_before_quadtree_diffusion(pack, fx, local, source):
+    """MultiGPU CFG Split placed before Quadtree Diffusion: the same spread, the same result."""
+    pos, neg = conds(fx)
+    ref = fx.run_ksampler(tiled(pack, fx, local), pos, neg, source, steps=2, cfg=1.0, denoise=0.6)
+    mg = tiled(pack, fx, on_two_devices(local, (fx.local_model, (0,))))
+    rows = Rows(device_models(mg))
+    try:
+        out = fx.run_ksampler(mg, pos, neg, source, steps=2, cfg=1.0, denoise=0.6)
+    finally:
+        rows.remove()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert all(rows.rows.values()), rows.rows
+
+
+@needs_multigpu
 def test_relative_speeds_weight_the_shares(pack, fx, local, photo, source, caplog):
     """MultiGPU Options' relative speed 3 for the second device: it evaluates about 3/4 of the tiles."""
     pos, neg = conds(fx)
