@@ -24,19 +24,18 @@ import pytest
 import torch
 
 
-def _controlnet_tests():
-    """tests/test_controlnet.py's tiny ControlNet and helpers (pytest's importlib mode puts no tests/ on
-    sys.path)."""
-    name = "qtd_test_controlnet"
+def _tests(file: str):
+    """Helpers of another test file (pytest's importlib mode puts no tests/ on sys.path)."""
+    name = "qtd_" + file[:-3]
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__),
-                                                                         "test_controlnet.py"))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), file))
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
 
 
-cn = _controlnet_tests()
+cn = _tests("test_controlnet.py")       # the tiny ControlNet, its hint and the crop checks
+mp = _tests("test_model_patches.py")    # the Qwen-Image DiffSynth model patch and its crop checks
 
 SECOND = torch.device("cpu", 1)
 W_PX, H_PX = 384, 256          # latent 48 x 32
@@ -324,6 +323,33 @@ def test_controlnet_each_device_clone_gets_its_tiles_crops(pack, fx, cfg, monkey
         seen[name] = cn.seen_windows(rec.calls, img.movedim(-1, 1), plan.windows, n_chunks=n_chunks, batch=1)
         assert sum(seen[name].values()) == sum(rows.rows[name]) // n_chunks     # control rows == its model's
     assert seen["cpu"] + seen["cpu:1"] == Counter({(w.y0, w.y1, w.x0, w.x1): cn.STEPS for w in plan.windows})
+
+
+# --------------------------------------------------------------------------- model patches
+
+@needs_multigpu
+def test_model_patch_gives_each_devices_tiles_their_crops(pack, fx):
+    """A model patch (ComfyUI's Qwen-Image DiffSynth ControlNet, in transformer_options' patches) on two
+    devices: the one-device result, and on both devices' threads every call's patch holds exactly the
+    control image's crops under its rows."""
+    import qtd_families as fam
+    log = []
+    t, model, image = mp.qwen_with_diffsynth(fx, log)
+    lat = fx.position_latent(16, mp.LAT, mp.LAT).unsqueeze(2)     # rows tell their window (little noise added)
+    m = mp.tiled(pack, fx, model, tile_batch_size=2)
+    ref = fx.run_ksampler(m, t.positive, t.negative, lat, steps=2, cfg=3.0, denoise=0.02)
+    mg = on_two_devices(m, (lambda: fam.tiny("QwenImage").model, ()))
+    log.clear()
+    threads = []
+    rows = Rows(device_models(mg), lambda device, n: threads.append(threading.current_thread().name))
+    try:
+        out = fx.run_ksampler(mg, t.positive, t.negative, lat, steps=2, cfg=3.0, denoise=0.02)
+    finally:
+        rows.remove()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert all(rows.rows.values()) and len(set(threads)) == 2, rows.rows
+    canvas = mg.model.process_latent_in(lat)[0, :, 0]
+    mp.assert_rows_are_crops(log, image, canvas, 2)
 
 
 # --------------------------------------------------------------------------- interrupt and errors
