@@ -71,6 +71,27 @@ def owners(work: torch.Tensor, targets: list) -> torch.Tensor:
     return torch.searchsorted(bounds, mid, right=True)
 
 
+def memory_of(device) -> torch.device:
+    """The memory a device key stands for (``cpu:1`` is the CPU's)."""
+    d = torch.device(device)
+    return torch.device("cpu") if d.type == "cpu" else d
+
+
+def patch_memories(to: dict) -> set:
+    """Where the models of the call's model patches live (a patch's ``models()``: ComfyUI's patch classes
+    keep one model, which neither ComfyUI's multi-GPU path nor this one copies per device)."""
+    out = set()
+    for patches in (to.get("patches") or {}).values():
+        for p in patches if isinstance(patches, list) else ():
+            models = getattr(p, "models", None)
+            try:
+                found = models() if callable(models) else ()
+            except Exception:
+                continue
+            out.update(memory_of(m.load_device) for m in found if getattr(m, "load_device", None) is not None)
+    return out
+
+
 def has_hooks(conds) -> bool:
     """Whether any conditioning carries hooks (ComfyUI applies those per device clone)."""
     return any(isinstance(c, dict) and c.get("hooks") is not None for cond in conds if cond for c in cond)
@@ -147,11 +168,29 @@ class DeviceSet:
         except Exception:
             return proportional(total, self.speeds())
 
-    def shares(self, ev) -> list:
-        """Per device, its (group, start, stop) runs of the evaluation's windows."""
+    def usable(self, to: dict, run=None) -> list:
+        """Whether each device may take tiles: all of them, but where a model patch's model lives on one
+        device's memory only the devices sharing it (logged once per run)."""
+        pinned = patch_memories(to)
+        ok = [not pinned or memory_of(d) in pinned for d in self.devices]
+        if not all(ok):
+            if not any(ok):
+                ok = [i == 0 for i in range(len(ok))]
+            if run is not None and run.once("devices_patches"):
+                log.info("%s a model patch's model lives on %s: its tiles run on %s only", P,
+                         ", ".join(sorted(str(m) for m in pinned)),
+                         ", ".join(str(d) for d, y in zip(self.devices, ok) if y))
+        return ok
+
+    def shares(self, ev, usable=None) -> list:
+        """Per device, its (group, start, stop) runs of the evaluation's windows (none where ``usable``
+        says no)."""
         sizes = [(g, int(g.ids.numel())) for g in ev.groups]
         work = torch.cat([torch.full((n,), float(g.size[0] * g.size[1])) for g, n in sizes]) if sizes else torch.zeros(0)
-        own = owners(work, self.targets(int(work.sum())))
+        targets = self.targets(int(work.sum()))
+        if usable is not None and not all(usable):
+            targets = proportional(int(work.sum()), [s if y else 0.0 for s, y in zip(self.speeds(), usable)])
+        own = owners(work, targets)
         out = [[] for _ in self.devices]
         at = 0
         for g, n in sizes:
@@ -175,7 +214,8 @@ class DeviceSet:
         """``engine._evaluate`` over the devices: each its share of ``ev``'s windows, summed on x's device."""
         stop = threading.Event()
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-        jobs = [(d, share) for d, share in zip(self.devices, self.shares(ev)) if share]
+        usable = self.usable(c.get("transformer_options") or {}, run)
+        jobs = [(d, share) for d, share in zip(self.devices, self.shares(ev, usable)) if share]
         deferred = c.get("control")
         if hasattr(deferred, "prepare_hints"):      # on this thread: the workers only crop
             for d, _ in jobs:

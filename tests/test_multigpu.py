@@ -55,6 +55,18 @@ needs_multigpu = pytest.mark.skipif("not _has_multigpu()",
 
 # --------------------------------------------------------------------------- fixtures
 
+@pytest.fixture(autouse=True)
+def unload_after():
+    """Each test's models unloaded after it: a dropped MultiGPU clone can leave ComfyUI a loaded-model
+    entry whose patcher is gone (``loaded_models()`` then lists None, which a later model patch's
+    re-encode hands to ``load_models_gpu``)."""
+    yield
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    mm.cleanup_models()
+
+
+
 def on_two_devices(model, factory, speeds=None):
     """``model`` (a clone) with a MultiGPU deep clone on SECOND, built as ComfyUI's MultiGPU CFG Split
     builds it; ``speeds`` {device index: relative speed} as MultiGPU Options would give them."""
@@ -94,6 +106,17 @@ class Rows:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def on_both(mg, sample):
+    """``sample(mg)`` with each device's model calls counted: (result, Rows); both devices must work."""
+    rows = Rows(device_models(mg))
+    try:
+        out = sample(mg)
+    finally:
+        rows.remove()
+    assert all(rows.rows.values()), rows.rows
+    return out, rows
 
 
 def device_models(m) -> dict:
@@ -163,6 +186,28 @@ def test_owners_follow_relative_speeds(pack):
     assert td.owners(torch.ones(3), [3.0]).tolist() == [0, 0, 0]
 
 
+def test_model_patch_on_one_devices_memory_keeps_its_tiles_there(pack):
+    """A model patch whose model lives on cuda:0: devices on other memory get no tiles (the CPU's
+    device keys share one memory)."""
+    td = pack.tile_devices
+
+    class Patch:
+        def __init__(self, device):
+            self.device = device
+
+        def models(self):
+            return [type("Patcher", (), {"load_device": self.device})()]
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    ds = td.DeviceSet({cuda0: None, cuda1: None})
+    assert ds.usable({}) == [True, True]
+    assert ds.usable({"patches": {"double_block": [Patch(cuda0)]}}) == [True, False]
+    assert ds.usable({"patches": {"double_block": [Patch(torch.device("cpu"))]}}) == [True, False]  # none: the first
+    assert td.DeviceSet({torch.device("cpu"): None, SECOND: None}).usable(
+        {"patches": {"double_block": [Patch(torch.device("cpu"))]}}) == [True, True]
+    own = td.owners(torch.ones(6), td.proportional(6, [1.0, 0.0]))
+    assert own.tolist() == [0] * 6
+
+
 # --------------------------------------------------------------------------- same result as one device
 
 @needs_multigpu
@@ -208,13 +253,8 @@ def test_multigpu_split_before_quadtree_diffusion(pack, fx, local, source):
     pos, neg = conds(fx)
     ref = fx.run_ksampler(tiled(pack, fx, local), pos, neg, source, steps=2, cfg=1.0, denoise=0.6)
     mg = tiled(pack, fx, on_two_devices(local, (fx.local_model, (0,))))
-    rows = Rows(device_models(mg))
-    try:
-        out = fx.run_ksampler(mg, pos, neg, source, steps=2, cfg=1.0, denoise=0.6)
-    finally:
-        rows.remove()
+    out, _ = on_both(mg, lambda m: fx.run_ksampler(m, pos, neg, source, steps=2, cfg=1.0, denoise=0.6))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    assert all(rows.rows.values()), rows.rows
 
 
 @needs_multigpu
@@ -269,13 +309,8 @@ def test_prompts_on_two_devices_equal_one_device(pack, fx, local, source, kind):
     m = tiled(pack, fx, local, **opts)
     ref = fx.run_ksampler(m, pos, neg, source, steps=2, cfg=4.0, denoise=0.6)
     mg = on_two_devices(m, (fx.local_model, (0,)))
-    rows = Rows(device_models(mg))
-    try:
-        out = fx.run_ksampler(mg, pos, neg, source, steps=2, cfg=4.0, denoise=0.6)
-    finally:
-        rows.remove()
+    out, _ = on_both(mg, lambda m: fx.run_ksampler(m, pos, neg, source, steps=2, cfg=4.0, denoise=0.6))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    assert all(rows.rows.values()), rows.rows
 
 
 # --------------------------------------------------------------------------- ControlNet
