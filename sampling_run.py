@@ -142,6 +142,16 @@ class SamplingRun:
         finally:
             self._log_run_end(run)
 
+    def _step(self, run, t, to) -> tuple[int, int]:
+        """(this call's step, steps of the run): the run's counter, else the nearest of ``sample_sigmas``."""
+        if run is not None:
+            return min(run.step, run.n - 1), run.n
+        sigmas = to.get("sample_sigmas")
+        if sigmas is None or len(sigmas) < 2:
+            return 0, 1
+        sig = [float(s) for s in sigmas.tolist()]
+        return vd.nearest_step(sig, float(t.reshape(-1)[0])), vd.steps_of(sig)
+
     def prepare_sampling(self, executor, model, noise_shape, conds, *args, **kwargs):
         """PREPARE_SAMPLING: let ComfyUI plan memory for one tile batch, not the whole canvas.
 

@@ -11,7 +11,8 @@ Registered on a model clone through ComfyUI's own extension points (nothing is p
 * keyed ``SAMPLER_SAMPLE`` and ``PREPARE_SAMPLING`` wrappers: the run's state, memory planning
   for one tile batch, the run's log lines (sampling_run.py);
 * keyed ``CALC_COND_BATCH`` wrappers: per-tile ControlNet (tile_control.py), tile prompts
-  (tile_conditioning.py), regional prompts' areas and masks (regional.py).
+  (tile_conditioning.py), regional prompts' areas and masks (regional.py), and with ComfyUI's
+  MultiGPU clones each step's tile batches spread over the devices (tile_devices.py).
 
 Per-tile denoise (variable_denoise.py) is applied per pixel through the layout's weights:
 x0' = src + A (x - src) + beta (M - x).
@@ -209,15 +210,6 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
             run.plans[run_key] = plan
         return plan
 
-    def _step(self, run, t, to) -> tuple[int, int]:
-        if run is not None:
-            return min(run.step, run.n - 1), run.n
-        sigmas = to.get("sample_sigmas")
-        if sigmas is None or len(sigmas) < 2:
-            return 0, 1
-        sig = [float(s) for s in sigmas.tolist()]
-        return vd.nearest_step(sig, float(t.reshape(-1)[0])), vd.steps_of(sig)
-
     def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run):
         """M = sum over the evaluated windows of weight_t * x0_t (SpotDiffusion: each window's x0 on
         its core, the weights 1 there and 0 on its context), model calls batched by window size;
@@ -225,18 +217,19 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
         devices = tdev.devices_of(c)
         if devices is not None:
             return devices.evaluate(self, model, x, t, c, cou, n_chunks, plan, ev, run)
-        import comfy.model_management as mm
-        batches = ev.batches(lambda size, n: self._batch_size(run, model, x, n_chunks, size, n))
-        return self._evaluate_batches(model, x, t, c, cou, n_chunks, plan, ev, run, batches,
-                                      mm.throw_exception_if_processing_interrupted)
+        return self._evaluate_batches(model, x, t, c, cou, n_chunks, plan, ev, run)
 
-    def _evaluate_batches(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run, batches,
-                          check, place=None):
-        """``_evaluate`` for the tile batches ``batches`` ((group, slice) of ``ev``), on x's device.
+    def _evaluate_batches(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run, batches=None,
+                          check=None, place=None):
+        """``_evaluate`` on x's device for ``batches`` ((group, slice) of ``ev``; default all, k per call).
 
         Per tile batch: ``check()`` (the interrupt), one indexed read of the k windows (``gather``), the
         model kwargs cut to them (``place``d on the device), one model call, one indexed write back
         (``blend``); ``plan.frame`` places the windows on the canvas (an area plan's start at its box)."""
+        import comfy.model_management as mm
+        check = check or mm.throw_exception_if_processing_interrupted
+        if batches is None:
+            batches = ev.batches(lambda size, n: self._batch_size(run, model, x, n_chunks, size, n))
         N = x.shape[0]
         H, W = ev.H, ev.W
         B = N // n_chunks
