@@ -313,6 +313,28 @@ def test_prompts_on_two_devices_equal_one_device(pack, fx, local, source, kind):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
+@needs_multigpu
+def test_conditionings_with_hooks_keep_comfyuis_split(pack, fx, local, source, caplog):
+    """Conditionings carrying hooks (ComfyUI applies those per device clone in its own split): ComfyUI's
+    split by conditioning applies (logged), each device runs every tile of its conditioning, the
+    one-device result."""
+    import comfy.hooks
+    hook = comfy.hooks.WeightHook()         # a LoRA hook that patches nothing (no weights)
+    hook.weights, hook.need_weight_init = {}, False
+    hooks = comfy.hooks.HookGroup()
+    hooks.add(hook)
+    pos, neg = ([[c, {**o, "hooks": hooks}] for c, o in cond] for cond in conds(fx))
+    m = tiled(pack, fx, local)
+    ref = fx.run_ksampler(m, pos, neg, source, steps=2, cfg=4.0, denoise=0.6)
+    with caplog.at_level("INFO"):
+        out, rows = on_both(on_two_devices(m, (fx.local_model, (0,))),
+                            lambda mg: fx.run_ksampler(mg, pos, neg, source, steps=2, cfg=4.0, denoise=0.6))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert rows.rows["cpu"] == rows.rows["cpu:1"]          # one conditioning each, every tile
+    assert "per device" not in run_done(caplog)
+    assert any("split by conditioning applies" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- ControlNet
 
 @needs_multigpu
