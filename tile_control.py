@@ -46,7 +46,10 @@ subclasses from custom packs) get the crop as ``cond_hint_original`` at canvas x
 
 ComfyUI's multi-GPU path (``MultiGPU CFG Split``) asks each control for
 ``get_instance_for_device(device)``: the proxy answers with a proxy of that device's instance,
-so control stays deferred, per tile, on the device that samples the tiles.
+so control stays deferred, per tile, on the device that samples the tiles.  Where the pack spreads
+a call's tiles over the devices itself (tile_devices.py), each device's tile batches get the marker
+for its instance (:meth:`DeferredControl.for_device`), whose canvas hint is prepared beforehand on
+the sampler's thread (:meth:`DeferredControl.prepare_hints`).
 
 If the model's unet function wrapper is not our engine (another node replaced it after
 Quadtree Diffusion), or this ComfyUI's control classes are not what this module knows (the
