@@ -46,7 +46,7 @@ from .utils import P, RUN_KEY
 log = logging.getLogger(__name__)
 
 KEY = "quadtree_diffusion_devices"      # the keyed CALC_COND_BATCH wrapper choosing the tile split
-DEVICES_KEY = "quadtree_diffusion_devices"  # transformer_options: the DeviceSet of a call whose tiles are spread
+DEVICES_KEY = "quadtree_diffusion_device_set"  # transformer_options: the DeviceSet of a call whose tiles are spread
 
 
 class Stopped(Exception):
