@@ -12,6 +12,7 @@ Mixed into ``tiled_diffusion.TiledDiffusion`` (its ``cfg`` and plan cache).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class RunState:
     shapes: set = field(default_factory=set)     # distinct input shapes the model was called with
     logged: set = field(default_factory=set)
     context_handler: object = None               # ComfyUI's temporal context handler, if the model has one
+    devices: object = None                       # the devices tiles are spread over (tile_devices.DeviceSet)
+    lock: object = field(default_factory=threading.Lock)    # counting from several devices' threads
 
     def source_frames(self, to: dict, x: torch.Tensor) -> torch.Tensor | None:
         """The source latent at the frames of the model input ``x``: the whole source when its
@@ -62,6 +65,10 @@ class RunState:
 
     def count_call(self, x: torch.Tensor):
         """One call of the model itself (a tile batch): its rows and input shape."""
+        with self.lock:
+            self._count(x)
+
+    def _count(self, x: torch.Tensor):
         st = self.stats
         st["batches"] += 1
         st["rows"] += int(x.shape[0])
@@ -134,6 +141,16 @@ class SamplingRun:
             return out
         finally:
             self._log_run_end(run)
+
+    def _step(self, run, t, to) -> tuple[int, int]:
+        """(this call's step, steps of the run): the run's counter, else the nearest of ``sample_sigmas``."""
+        if run is not None:
+            return min(run.step, run.n - 1), run.n
+        sigmas = to.get("sample_sigmas")
+        if sigmas is None or len(sigmas) < 2:
+            return 0, 1
+        sig = [float(s) for s in sigmas.tolist()]
+        return vd.nearest_step(sig, float(t.reshape(-1)[0])), vd.steps_of(sig)
 
     def prepare_sampling(self, executor, model, noise_shape, conds, *args, **kwargs):
         """PREPARE_SAMPLING: let ComfyUI plan memory for one tile batch, not the whole canvas.
@@ -216,10 +233,11 @@ class SamplingRun:
                         "per-step settings (variable denoise, SpotDiffusion shifts) stayed at the first step; "
                         "use a KSampler / SamplerCustom sampler", PV)
         log.info("%s run done: %d model calls, %d tile evaluations; saved %d by schedule and %d by "
-                 "skip (of %d for all tiles at every call)%s; %s", P, s["calls"], s["tiles"],
+                 "skip (of %d for all tiles at every call)%s; %s%s", P, s["calls"], s["tiles"],
                  s["schedule_saved"], s["skip_saved"], s["full"],
                  f"; mask prompts: {s['mask_apart']} window evaluations in calls without every prompt's rows, "
-                 f"{s['mask_saved']} saved where their mask is 0" if s["mask_saved"] else "", run_calls(run))
+                 f"{s['mask_saved']} saved where their mask is 0" if s["mask_saved"] else "", run_calls(run),
+                 f"; tile evaluations per device: {run.devices.describe()}" if run.devices is not None else "")
 
     def _log_plan(self, plan: Plan, run: RunState, item: int = 0):
         cfg = self.cfg

@@ -46,7 +46,10 @@ subclasses from custom packs) get the crop as ``cond_hint_original`` at canvas x
 
 ComfyUI's multi-GPU path (``MultiGPU CFG Split``) asks each control for
 ``get_instance_for_device(device)``: the proxy answers with a proxy of that device's instance,
-so control stays deferred, per tile, on the device that samples the tiles.
+so control stays deferred, per tile, on the device that samples the tiles.  Where the pack spreads
+a call's tiles over the devices itself (tile_devices.py), each device's tile batches get the marker
+for its instance (:meth:`DeferredControl.for_device`), whose canvas hint is prepared beforehand on
+the sampler's thread (:meth:`DeferredControl.prepare_hints`).
 
 If the model's unet function wrapper is not our engine (another node replaced it after
 Quadtree Diffusion), or this ComfyUI's control classes are not what this module knows (the
@@ -305,6 +308,28 @@ class DeferredControl:
             items = [self.items[i] for i in items]
         return DeferredControl(self.control, self.batched_number, self.transformer_options, tuple(items),
                                self.hints, self.extra)
+
+    def for_device(self, device):
+        """The marker for ``device`` (ComfyUI's multi-GPU per-device control, ``get_instance_for_device``):
+        the same rows, hints and arguments with that device's control instance (itself where none)."""
+        per_device = getattr(self.control, "get_instance_for_device", None)
+        control = self.control if per_device is None else per_device(device)
+        if control is self.control:
+            return self
+        return DeferredControl(control, self.batched_number, self.transformer_options, self.items, self.hints,
+                               self.extra)
+
+    def prepare_hints(self, t, H: int, W: int, device) -> None:
+        """Prepare now, on the calling thread, the canvas hint of every active control of the chain for
+        ``device`` (kept in the run's hints, as the tile batches would prepare it): several devices'
+        workers then only crop, and a latent-input ControlNet's VAE encode (ComfyUI's model loading)
+        never runs on two threads at once."""
+        control = self.control
+        while control is not None:
+            if (_kind(control) != "other" and _active(control, t)
+                    and getattr(control, "cond_hint_original", None) is not None):
+                canvas_hint(control, H, W, device, self.hints)
+            control = getattr(control, "previous_controlnet", None)
 
     def tile_control(self, xt, tt, ct, tb):
         """Control for the tile batch ``xt`` (rows ``[chunk][tile][batch item]``).

@@ -11,7 +11,8 @@ Registered on a model clone through ComfyUI's own extension points (nothing is p
 * keyed ``SAMPLER_SAMPLE`` and ``PREPARE_SAMPLING`` wrappers: the run's state, memory planning
   for one tile batch, the run's log lines (sampling_run.py);
 * keyed ``CALC_COND_BATCH`` wrappers: per-tile ControlNet (tile_control.py), tile prompts
-  (tile_conditioning.py), regional prompts' areas and masks (regional.py).
+  (tile_conditioning.py), regional prompts' areas and masks (regional.py), and with ComfyUI's
+  MultiGPU clones each step's tile batches spread over the devices (tile_devices.py).
 
 Per-tile denoise (variable_denoise.py) is applied per pixel through the layout's weights:
 x0' = src + A (x - src) + beta (M - x).
@@ -30,6 +31,7 @@ from . import regional
 from . import self_check
 from . import spot_diffusion as sd
 from . import tile_conditioning as tcond
+from . import tile_devices as tdev
 from . import variable_denoise as vd
 from .chunk_parts import ChunkParts
 from .tile_calls import TileCalls
@@ -212,23 +214,26 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
             run.plans[run_key] = plan
         return plan
 
-    def _step(self, run, t, to) -> tuple[int, int]:
-        if run is not None:
-            return min(run.step, run.n - 1), run.n
-        sigmas = to.get("sample_sigmas")
-        if sigmas is None or len(sigmas) < 2:
-            return 0, 1
-        sig = [float(s) for s in sigmas.tolist()]
-        return vd.nearest_step(sig, float(t.reshape(-1)[0])), vd.steps_of(sig)
-
     def _evaluate(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run):
         """M = sum over the evaluated windows of weight_t * x0_t (SpotDiffusion: each window's x0 on
-        its core, the weights 1 there and 0 on its context), model calls batched by window size.
+        its core, the weights 1 there and 0 on its context), model calls batched by window size;
+        spread over ComfyUI's multi-GPU devices when the call has them (tile_devices.py)."""
+        devices = tdev.devices_of(c)
+        if devices is not None:
+            return devices.evaluate(self, model, x, t, c, cou, n_chunks, plan, ev, run)
+        return self._evaluate_batches(model, x, t, c, cou, n_chunks, plan, ev, run)
 
-        Per tile batch: one indexed read of the k windows (``gather``), the model kwargs cut to them,
-        one model call, one indexed write back (``blend``); ``plan.frame`` places the windows on the
-        canvas (an area plan's start at its box)."""
+    def _evaluate_batches(self, model: ModelCall, x, t, c, cou, n_chunks, plan, ev: Evaluation, run, batches=None,
+                          check=None, place=None):
+        """``_evaluate`` on x's device for ``batches`` ((group, slice) of ``ev``; default all, k per call).
+
+        Per tile batch: ``check()`` (the interrupt), one indexed read of the k windows (``gather``), the
+        model kwargs cut to them (``place``d on the device), one model call, one indexed write back
+        (``blend``); ``plan.frame`` places the windows on the canvas (an area plan's start at its box)."""
         import comfy.model_management as mm
+        check = check or mm.throw_exception_if_processing_interrupted
+        if batches is None:
+            batches = ev.batches(lambda size, n: self._batch_size(run, model, x, n_chunks, size, n))
         N = x.shape[0]
         H, W = ev.H, ev.W
         B = N // n_chunks
@@ -240,11 +245,12 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
         prompts = tcond.chunk_prompts(run, c.get("transformer_options", {}), n_chunks)
         refs.check_canvas_grid(c, model.base, H, W, batch_of(ev.windows, ev.ids))
         rs = refs.ref_set(model.base, c, H, W, mf.spatial_patch(model.base), self.cfg.reference_mode)
-        for g, sl in ev.batches(lambda size, n: self._batch_size(run, model, x, n_chunks, size, n)):
-            mm.throw_exception_if_processing_interrupted()
+        for g, sl in batches:
+            check()
             wins = ev.windows_of(g, sl)
-            pos = positions(g.starts[sl], *g.size, W, x.device)
-            xt = gather(x, n_chunks, g.starts[sl], *g.size, pos)
+            starts = g.starts[sl].to(x.device)
+            pos = positions(starts, *g.size, W, x.device)
+            xt = gather(x, n_chunks, starts, *g.size, pos)
             tt = tile_value(t, wins, n_chunks, N, H, W, False, rep) if t.ndim > 0 and t.shape[0] == N else t
             ct = tile_cond(c, wins, n_chunks, N, H, W, rep, whole)
             if prompts is not None:
@@ -258,6 +264,8 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
             if rs is not None:      # reference images: each tile meets them where the canvas does
                 ct, rpatch = refs.tile_references(ct, c, rs, wins, n_chunks, N, model.base,
                                                   run.hints if run is not None else rep)
+            if place is not None:
+                ct = place(ct)
             deferred = ct.get("control")
             if hasattr(deferred, "tile_control"):
                 ct["control"] = deferred.tile_control(xt, tt, ct, tb)
@@ -266,7 +274,7 @@ class TiledDiffusion(SamplingRun, regional.RegionalCalls, ChunkParts, TileCalls)
                 rpatch.check(model.base)
             if run is not None:
                 run.count_call(xt)
-            blend(out, pred, n_chunks, g.starts[sl], ev.batch_weights(g, sl), g.cores_only, pos)
+            blend(out, pred, n_chunks, starts, ev.batch_weights(g, sl).to(x.device), g.cores_only, pos)
         return out
 
 
@@ -287,7 +295,8 @@ def tiled_model(model, cfg: TileConfig):
                           ("PREPARE_SAMPLING", WRAPPER_KEY, engine.prepare_sampling),
                           ("CALC_COND_BATCH", WRAPPER_KEY, TileControl(engine).calc_cond_batch),
                           ("CALC_COND_BATCH", tcond.KEY, tcond.TilePromptConds().calc_cond_batch),
-                          ("CALC_COND_BATCH", regional.KEY, regional.RegionRecorder().calc_cond_batch)):
+                          ("CALC_COND_BATCH", regional.KEY, regional.RegionRecorder().calc_cond_batch),
+                          ("CALC_COND_BATCH", tdev.KEY, tdev.TileDevices(engine).calc_cond_batch)):
         if kind in kinds:
             m.remove_wrappers_with_key(kinds[kind], key)
             m.add_wrapper_with_key(kinds[kind], key, fn)

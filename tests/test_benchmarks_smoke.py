@@ -150,3 +150,32 @@ def test_bench_scale_small(tmp_path):
         assert r["engine"]["rows_per_call"] == pytest.approx(r["rows_per_call"], abs=0.05)
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("plan_ms", "step_s", "bare_step_s", "overhead"))
     assert rows[1]["calls_per_step"] == 400 / 16 and rows[1]["shapes"] == 1     # 25 full calls of one shape
+
+
+def _has_multigpu():
+    try:
+        import comfy.multigpu   # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif("not _has_multigpu()", reason="this ComfyUI has no MultiGPU clones (comfy/multigpu.py, 0.23+)")
+def test_bench_multigpu_tiny_on_cpu(tmp_path):
+    """benchmarks/bench_multigpu.py --device cpu --tiny: its ratio lines and JSON; the counts are exact
+    (the tile split's per-device evaluations add up to the one-device run's; ComfyUI's split by
+    conditioning runs every tile once per conditioning)."""
+    path = tmp_path / "multigpu.json"
+    stdout = _run([os.path.join(BENCH, "bench_multigpu.py"), "--device", "cpu", "--tiny", "--canvases", "128",
+                   "--steps", "2", "--json", str(path)], timeout=600)
+    ratios = _ratio_lines(stdout)
+    for key in ("speedup[128/cfg1]", "speedup[128/cfg4]", "tile_vs_cond_split[128/cfg4]"):
+        assert key in ratios and math.isfinite(ratios[key]) and ratios[key] > 0, (key, ratios)
+    runs = json.loads(path.read_text())["runs"]
+    assert [(r["cfg"], r["mode"]) for r in runs] == [(1.0, "one device"), (1.0, "tile split"), (4.0, "one device"),
+                                                     (4.0, "tile split"), (4.0, "cond split")]
+    for one, split in ((runs[0], runs[1]), (runs[2], runs[3])):
+        counts = dict(part.rsplit(" ", 1) for part in split["per_device"].split(", "))
+        assert set(counts) == {"cpu", "cpu:1"} and all(int(n) > 0 for n in counts.values())
+        assert sum(int(n) for n in counts.values()) == split["tiles"] == one["tiles"]
+    assert runs[4]["tiles"] == 2 * runs[2]["tiles"] and runs[4]["per_device"] is None
