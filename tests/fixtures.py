@@ -704,17 +704,23 @@ class CallLog:
     passes it on unchanged.  Set *before* Quadtree Diffusion, it is the engine's inner wrapper: the engine
     calls it once per tile batch, so it sees exactly what the model is given.
 
-    ``calls``: one :class:`ModelInput` per call; ``shapes``: the input shapes, in call order."""
+    ``calls``: one :class:`ModelInput` per call; ``shapes``: the input shapes, in call order.
+    ``answer``: optional ``answer(call: ModelInput) -> x0`` that replaces the model (the model is then
+    never run): a stand-in whose prediction a test constructs, e.g. to read the blend weights back."""
 
-    def __init__(self):
+    def __init__(self, answer=None):
         self.calls: list[ModelInput] = []
+        self.answer = answer
 
     def __deepcopy__(self, memo):      # ModelPatcher.clone() deep-copies model_options: keep this one log
         return self
 
     def __call__(self, apply_model, args, *extra, **kwargs):
-        self.calls.append(ModelInput(args["input"].detach().clone(), args["c"], args["timestep"],
-                                     tuple(args.get("cond_or_uncond") or ())))
+        call = ModelInput(args["input"].detach().clone(), args["c"], args["timestep"],
+                          tuple(args.get("cond_or_uncond") or ()))
+        self.calls.append(call)
+        if self.answer is not None:
+            return self.answer(call)
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     @property
@@ -722,10 +728,11 @@ class CallLog:
         return [tuple(call.x.shape) for call in self.calls]
 
 
-def logged(model):
-    """``(clone of model with a CallLog as its unet function wrapper, the CallLog)``."""
+def logged(model, answer=None):
+    """``(clone of model with a CallLog as its unet function wrapper, the CallLog)``; ``answer``: see
+    :class:`CallLog`."""
     m = model.clone()
-    log = CallLog()
+    log = CallLog(answer)
     m.set_model_unet_function_wrapper(log)
     return m, log
 

@@ -16,7 +16,8 @@ server serves (``comfyui-frontend-package``). Checks:
   also saved as screenshots, ``<repo>/output/browser_<name>.png``).
 
 Skipped, with the reason, only where Chromium or chromedriver is not installed
-(``scripts/install_browser.sh`` installs them on Debian).
+(``scripts/install_browser.sh`` installs them on Debian) and the run does not require a browser:
+``make test`` (and so CI) sets ``QTD_REQUIRE_BROWSER=1``, where a missing browser fails the test.
 """
 import base64
 import copy
@@ -169,8 +170,11 @@ def provide_example_files(server):
 @pytest.fixture(scope="module")
 def browser(comfy_server, tmp_path_factory):
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install -y chromium "
-                    "chromium-driver, or scripts/install_browser.sh)")
+        why = ("Chromium and chromedriver are not installed (Debian: apt-get install -y chromium "
+               "chromium-driver, or scripts/install_browser.sh)")
+        if os.environ.get("QTD_REQUIRE_BROWSER") == "1":
+            pytest.fail(why + ": make test requires the browser (QTD_REQUIRE_BROWSER=1)", pytrace=False)
+        pytest.skip(why)
     out = tmp_path_factory.mktemp("browser")
     # No first-run tutorial / template dialog over the canvas, no minimap in the screenshot.
     for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):

@@ -603,17 +603,29 @@ def _has_multigpu_path():
     return hasattr(comfy.samplers, "_calc_cond_batch_multigpu")
 
 
+def _has_per_device_controls():
+    import comfy.controlnet
+    return hasattr(comfy.controlnet.ControlBase, "deepclone_multigpu")
+
+
+def test_proxy_without_a_per_device_instance_answers_with_itself(pack, cnet):
+    """Where the control has no per-device instance (no clone registered, or no such method, as before
+    ComfyUI 0.23), get_instance_for_device on our proxy gives a proxy of the control itself."""
+    tc = pack.tile_control
+    control, _ = cnet
+    ctl = control.copy()
+    assert tc.ControlProxy(ctl).get_instance_for_device(torch.device("cpu"))._control is ctl
+
+
+@pytest.mark.skipif("not _has_per_device_controls()",
+                    reason="this ComfyUI's controls have no per-device clones (deepclone_multigpu, added in 0.23)")
 def test_proxy_answers_for_each_device_with_a_deferred_proxy(pack, cnet):
     """get_instance_for_device on our proxy gives a proxy (control stays deferred, per tile) of the
-    control's instance for that device, one per device; the proxy itself where the control has no
-    per-device instance (or no such method, as before ComfyUI 0.23)."""
+    control's instance for that device, one per device."""
     tc = pack.tile_control
     control, _ = cnet
     cpu = torch.device("cpu")
     ctl = control.copy()
-    assert tc.ControlProxy(ctl).get_instance_for_device(cpu)._control is ctl
-    if not hasattr(ctl, "deepclone_multigpu"):
-        return
     clone = ctl.deepclone_multigpu(cpu, autoregister=True)
     proxy = tc.ControlProxy(ctl)
     per_device = proxy.get_instance_for_device(cpu)
