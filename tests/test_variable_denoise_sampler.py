@@ -282,3 +282,129 @@ def test_spotdiffusion_schedule_keeps_zero_tiles_and_skips_inactive_ones(pack, f
         assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
     assert sum(call.x.shape[0] // len(call.cou) for call in log.calls) < 8 * len(layout.tiles)
     assert float((out - source).abs().mean()) > 1e-2
+
+
+# --------------------------------------------------------------------------- every kind of sampler (issue 25, item 3)
+
+# One evaluation per step (euler), multistep with history (uni_pc), stochastic multistep (dpmpp_2m_sde,
+# dpmpp_3m_sde: fresh noise every step), and two evaluations per step: heun (its corrector at the next
+# step's sigma) and dpmpp_sde (a midpoint between the step's sigmas), both after the step's callback.
+ONE_EVALUATION = ["euler", "uni_pc", "dpmpp_2m_sde", "dpmpp_3m_sde"]
+TWO_EVALUATIONS = ["heun", "dpmpp_sde"]
+CORRECTOR_AFTER_CALLBACK = pytest.mark.xfail(strict=True, reason=(
+    "known engine limitation: the step counter advances at the sampler's callback, which heun / dpmpp_sde "
+    "call between a step's two evaluations, so the second evaluation uses the next step's setting"))
+
+
+def sample(model, pos, neg, latent, sampler, steps, denoise, seed=7, cfg=4.0, on_step=None):
+    """ComfyUI's sampler as the KSampler runs it (same noise), with ``on_step(i, x)`` at ComfyUI's callback
+    of step i (after the step's first model evaluation; x in the sampler's own space)."""
+    import comfy.sample
+    noise = comfy.sample.prepare_noise(latent, seed)
+    cb = None if on_step is None else (lambda i, x0, x, total: on_step(i, x))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", pos, neg, latent, denoise=denoise,
+                               callback=cb, disable_pbar=True, seed=seed)
+
+
+def evaluation_steps(sampler, n):
+    """The step each model evaluation of an n-step run belongs to, in order (two-evaluation samplers take
+    one evaluation in their last step, to sigma 0)."""
+    two = sampler in TWO_EVALUATIONS
+    return [i for i in range(n) for _ in range(2 if two and i < n - 1 else 1)]
+
+
+def activity(layout, n, H, W):
+    """[n, H, W] bool: where a tile is active at each step, by the README's rule (the last round(d n) of n
+    steps, half up; the tiles here do not overlap)."""
+    act = torch.zeros(n, H, W, dtype=torch.bool)
+    for t in layout.tiles:
+        first = n - int(t.denoise * n + 0.5 + 1e-9)
+        act[first:, t.y // 8:(t.y + t.h) // 8, t.x // 8:(t.x + t.w) // 8] = True
+    return act
+
+
+def stepwise_reference(fx, local, layout, src, n, steps):
+    """The spec as a plain post-CFG hook on the same tiles at full strength: at the k-th model evaluation,
+    x0 = the model's where the tile is active at step ``steps[k]``, the source latent elsewhere."""
+    src_in = local.model.latent_format.process_in(src)
+    act = activity(layout, n, *src.shape[-2:])
+    k = iter(steps)
+
+    def post_cfg(args):
+        return torch.where(act[next(k)], args["denoised"], src_in.to(args["denoised"]))
+
+    off = fx.call_node(fx.load_pack().nodes.QuadtreeDiffusion, **tiles_args(fx, local, layout, "off"))[0]
+    off.set_model_sampler_post_cfg_function(post_cfg)
+    return off
+
+
+def tiles_args(fx, model, layout, mode):
+    args = fx.node_input_defaults(fx.load_pack().nodes.QuadtreeDiffusion)
+    args.update(model=model, quadtree=layout, method="MultiDiffusion", tile_overlap=0, tile_batch_size=4,
+                variable_denoise=mode)
+    return args
+
+
+@pytest.mark.parametrize("sampler", ONE_EVALUATION + [pytest.param(s, marks=CORRECTOR_AFTER_CALLBACK)
+                                                      for s in TWO_EVALUATIONS])
+def test_schedule_is_the_stepwise_switch_for_every_sampler(pack, fx, local, photo, source, sampler):
+    """Per-tile denoise 0, 0.5, 1 (schedule): every model evaluation inside step i uses step i's setting:
+    the run equals the same tiles at full strength where a plain post-CFG hook sets x0 = source for the
+    tiles not active at the evaluation's step.  d = 0 tiles come out as the source.  The wrong variant,
+    tiles switching on one step late, is far off (euler)."""
+    layout = layout_for(pack, fx, photo, 0.0, 1.0, min_tile=32)
+    assert {t.denoise for t in layout.tiles} == {0.0, 0.5, 1.0}
+    pos, neg = conds(fx)
+    n, denoise = 6, 0.8
+    out = sample(fx.call_node(pack.nodes.QuadtreeDiffusion, **tiles_args(fx, local, layout, "schedule"))[0],
+                 pos, neg, source, sampler, n, denoise)
+    steps = evaluation_steps(sampler, n)
+    ref = sample(stepwise_reference(fx, local, layout, source, n, steps), pos, neg, source, sampler, n, denoise)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0), float((out - ref).abs().max())
+    # uni_pc ends at sigma 0.001 through an eps parametrisation: the source to that sampler's float
+    # precision (measured max 0.021 on latents of std ~2)
+    tol = 4e-2 if sampler == "uni_pc" else 1e-4
+    for y0, y1, x0, x1 in core_interiors(layout, lambda t: t.denoise == 0.0, 0):
+        assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=tol), float((out - source)[..., y0:y1, x0:x1].abs().max())
+    assert float((out - source).abs().mean()) > 1e-2
+    if sampler == "euler":
+        late = sample(stepwise_reference(fx, local, layout, source, n, [max(0, i - 1) for i in steps]),
+                      pos, neg, source, sampler, n, denoise)
+        assert float((out - late).abs().max()) > 1e-1
+
+
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc", pytest.param("heun", marks=CORRECTOR_AFTER_CALLBACK)])
+def test_inactive_tiles_stay_exactly_on_the_noising_path(pack, fx, local, photo, source, sampler):
+    """Deterministic samplers: until a tile is active, its latent at every step's callback is exactly
+    source + sigma_i * the run's noise (the img2img noising path; uni_pc's latent is that over
+    sqrt(1 + sigma_i^2)), multistep and two-evaluation samplers too."""
+    import comfy.sample
+    import comfy.samplers
+    layout = layout_for(pack, fx, photo, 0.0, 1.0, min_tile=32)
+    pos, neg = conds(fx)
+    n, denoise = 6, 0.8
+    sigmas = comfy.samplers.KSampler(local, steps=n, device="cpu", sampler=sampler, scheduler="normal",
+                                     denoise=denoise).sigmas
+    src_in, noise = local.model.latent_format.process_in(source), comfy.sample.prepare_noise(source, 7)
+    act = activity(layout, n, *source.shape[-2:])
+    checked = []
+
+    def on_step(i, x):
+        # k-diffusion samplers: the latent step i started from, idle where no step before i was active.
+        # uni_pc: the latent at sigma_i already corrected with step i's evaluation (its last callback: the
+        # final latent), idle where step i is not active either
+        if sampler == "uni_pc" and i == n - 1:
+            return
+        seen = i + 1 if sampler == "uni_pc" else i
+        idle = ~act[seen - 1] if seen else torch.ones_like(act[0])
+        sigma = float(sigmas[i])
+        expected = src_in + sigma * noise
+        if sampler == "uni_pc":
+            expected = expected / (1.0 + sigma ** 2) ** 0.5
+        checked.append((i, int(idle.sum()), float((x.detach() - expected)[..., idle].abs().max())))
+
+    model = fx.call_node(pack.nodes.QuadtreeDiffusion, **tiles_args(fx, local, layout, "schedule"))[0]
+    sample(model, pos, neg, source, sampler, n, denoise, on_step=on_step)
+    assert len(checked) == (n - 1 if sampler == "uni_pc" else n), checked
+    assert all(idle > 0 for _, idle, _ in checked)          # the d = 0 tiles are idle all the way
+    assert max(err for _, _, err in checked) < 1e-4 * float(sigmas[0]), checked
