@@ -54,45 +54,103 @@ def test_one_leaf_quadtree_equals_untiled(pack, fx, local):
     assert torch.equal(out, ref)
 
 
-def seam_report(pack, model, out, ref, radius):
-    """Max |tiled - untiled| within ``radius`` latent px of a window edge inside the canvas (where a
-    tile's zero padding differs from the untiled model's context) vs everywhere else."""
+def plan_of(pack, model, H, W):
+    """The plan the engine of a Quadtree Diffusion ``model`` builds for an H x W latent."""
     td = pack.tiled_diffusion
     engine = model.model_options["model_function_wrapper"]
+    return td.plan_for(engine.cfg, H=H, W=W, compression=8, align=1, device="cpu", dtype=torch.float32)
+
+
+def seam_report(windows, out, ref, radius):
+    """Max |tiled - untiled| within ``radius`` latent px of a window edge inside the canvas (where a
+    tile's zero padding differs from the untiled model's context) vs everywhere else; ``windows``:
+    (y0, y1, x0, x1) latent boxes."""
     H, W = out.shape[-2:]
-    plan = td.plan_for(engine.cfg, H, W, 8, 1, "cpu", torch.float32)
     err = (out - ref).abs().amax(dim=(0, 1))
     band = torch.zeros(H, W, dtype=torch.bool)
-    for w in plan.windows:
-        for x in (w.x0, w.x1):
+    for y0, y1, x0, x1 in windows:
+        for x in (x0, x1):
             if 0 < x < W:
-                band[w.y0:w.y1, max(0, x - radius):x + radius] = True
-        for y in (w.y0, w.y1):
+                band[y0:y1, max(0, x - radius):x + radius] = True
+        for y in (y0, y1):
             if 0 < y < H:
-                band[max(0, y - radius):y + radius, w.x0:w.x1] = True
+                band[max(0, y - radius):y + radius, x0:x1] = True
     return float(err[band].max()), float(err[~band].max() if (~band).any() else 0.0)
 
 
-# Bounds measured with the local model (radius 3 latent px), 64-px (8 latent px) overlap, 4 euler
-# steps at CFG 7 on a 512x384 canvas with 256x256 tiles, latent std ~2.  MultiDiffusion averages the
-# tile-edge bands with equal weight, Mixture of Diffusers down-weights them by a Gaussian, and
-# SpotDiffusion has no overlap (its seams move every step), so the bounds differ per method.
-SEAM_BOUNDS = {"Mixture of Diffusers": 0.005, "MultiDiffusion": 1.0, "SpotDiffusion": 2.0}
+def hand_tiled(model, boxes_of_call, rule):
+    """A test-side tiled model (a unet function wrapper, each box of the latent run through the model on
+    its own): ``boxes_of_call(k)`` the (y0, y1, x0, x1) boxes of the k-th model call; ``rule`` "average"
+    (each pixel the mean of the boxes covering it: MultiDiffusion), "last" (the last box covering a pixel
+    wins: overlap without a blend), or ("wrap", offsets) (the latent rolled by the call's (dy, dx) with
+    wrap-around, the boxes a partition of the rolled latent, rolled back: the old SpotDiffusion)."""
+    state = {"k": 0}
+
+    def wrapper(apply_model, args):
+        x, t, c = args["input"], args["timestep"], args["c"]
+        k = state["k"]
+        state["k"] += 1
+        shift = rule[1][k] if isinstance(rule, tuple) else (0, 0)
+        x = torch.roll(x, shift, dims=(-2, -1))
+        num, den = torch.zeros_like(x), torch.zeros_like(x[:1, :1])
+        for y0, y1, x0, x1 in boxes_of_call(k):
+            x0_box = apply_model(x[..., y0:y1, x0:x1], t, **c)
+            if rule == "last":
+                num[..., y0:y1, x0:x1], den[..., y0:y1, x0:x1] = x0_box, 1.0
+            else:
+                num[..., y0:y1, x0:x1] += x0_box
+                den[..., y0:y1, x0:x1] += 1.0
+        return torch.roll(num / den, (-shift[0], -shift[1]), dims=(-2, -1))
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
+
+
+# Measured (local model, radius 3 latent px; 64-px = 8 latent px overlap; 4 euler steps at CFG 7 on a
+# 512x384 canvas, 256-px tiles; latent std 2.17), max |tiled - untiled| near tile edges / elsewhere:
+#   Mixture of Diffusers 0.0001 / 0.0000; MultiDiffusion 0.608 / 0.0115; SpotDiffusion 0.301 / 0.0144.
+# Wrong variants, built test-side on the same windows: MultiDiffusion's windows without the blend
+# (the last window wins) 1.19 / 0.023; the old SpotDiffusion (latent rolled with wrap-around) 0.95 / 1.03.
+# Bounds: the measurement with a margin, each under its wrong variant.
+SEAM_BOUNDS = {"Mixture of Diffusers": (0.001, 0.0005), "MultiDiffusion": (0.75, 0.03),
+               "SpotDiffusion": (0.45, 0.03)}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_tiled_close_to_untiled(pack, fx, local, method, capsys):
+    """Near window edges (where a tile's zero padding meets the model's receptive field) and elsewhere,
+    each bounded; the wrong variant of each method, run test-side on the same windows, breaks a bound."""
     pos, neg = conds(fx)
     lat = source_latent(512, 384)
     ref = fx.run_ksampler(local, pos, neg, lat, steps=4, denoise=0.8)
     m = tiled(pack, fx, local, method=method, tile_width=256, tile_height=256, tile_overlap=64)
     out = fx.run_ksampler(m, pos, neg, lat, steps=4, denoise=0.8)
-    assert torch.isfinite(out).all()
-    boundary, interior = seam_report(pack, m, out, ref, local.receptive_radius)
+    windows = [(w.y0, w.y1, w.x0, w.x1) for w in plan_of(pack, m, *lat.shape[-2:]).windows]
+    boundary, interior = seam_report(windows, out, ref, local.receptive_radius)
     with capsys.disabled():
         print(f"\n[seam] {method}: max |tiled-untiled| near tile edges {boundary:.4f}, elsewhere {interior:.4f} "
               f"(latent std {float(ref.std()):.2f})")
-    assert float((out - ref).abs().max()) < SEAM_BOUNDS[method]
+    near, elsewhere = SEAM_BOUNDS[method]
+    assert boundary < near and interior < elsewhere, (boundary, interior)
+    if method == "Mixture of Diffusers":
+        return
+    if method == "MultiDiffusion":
+        same = fx.run_ksampler(hand_tiled(local, lambda k: windows, "average"), pos, neg, lat, steps=4, denoise=0.8)
+        assert float((same - out).abs().max()) < 1e-4          # the test-side average is the engine's blend
+        wrong = hand_tiled(local, lambda k: windows, "last")
+    else:
+        H, W = lat.shape[-2:]
+        grid = [(y, min(y + 32, H), x, min(x + 32, W)) for y in range(0, H, 32) for x in range(0, W, 32)]
+        g = torch.Generator().manual_seed(0)
+        wrong = hand_tiled(local, lambda k: grid, ("wrap", [tuple(int(v) for v in torch.randint(0, 32, (2,),
+                                                                                              generator=g))
+                                                            for _ in range(8)]))
+    bad = fx.run_ksampler(wrong, pos, neg, lat, steps=4, denoise=0.8)
+    bad_boundary, bad_interior = seam_report(windows, bad, ref, local.receptive_radius)
+    with capsys.disabled():
+        print(f"[seam] {method}, wrong variant: near tile edges {bad_boundary:.4f}, elsewhere {bad_interior:.4f}")
+    assert bad_boundary >= near or bad_interior >= elsewhere
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
