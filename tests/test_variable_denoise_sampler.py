@@ -269,18 +269,35 @@ def test_sampler_without_step_reports_is_flagged(pack, fx, local, photo, source,
 
 
 def test_spotdiffusion_schedule_keeps_zero_tiles_and_skips_inactive_ones(pack, fx, local, photo, source):
-    """SpotDiffusion evaluates shifted tiles; a shifted tile with no active pixel is not evaluated,
-    and d = 0 tiles still come out as the source."""
-    layout = layout_for(pack, fx, photo, 0.0, 1.0)
+    """SpotDiffusion evaluates shifted tiles: at each step exactly those whose core holds a pixel of a
+    tile active at that step (d = 0, 0.5, 1) are evaluated, and d = 0 tiles still come out as the source.
+    (Mutations this count catches: every shifted tile evaluated; tiles switching on a step early.)"""
+    layout = layout_for(pack, fx, photo, 0.0, 1.0, min_tile=32)
+    assert {t.denoise for t in layout.tiles} == {0.0, 0.5, 1.0}
     pos, neg = conds(fx)
     base, log = fx.logged(local)
-    out = fx.run_ksampler(tiled(pack, fx, base, quadtree=layout, method="SpotDiffusion"), pos, neg, source,
-                          steps=8, denoise=0.9)
+    model = tiled(pack, fx, base, quadtree=layout, method="SpotDiffusion")
+    out = fx.run_ksampler(model, pos, neg, source, steps=8, denoise=0.9)
     zero = core_interiors(layout, lambda t: t.denoise == 0.0, 0)
     assert zero
     for y0, y1, x0, x1 in zero:
         assert torch.allclose(out[..., y0:y1, x0:x1], source[..., y0:y1, x0:x1], atol=1e-4)
-    assert sum(call.x.shape[0] // len(call.cou) for call in log.calls) < 8 * len(layout.tiles)
+    # exactly the shifted tiles whose core holds a pixel of an active tile are evaluated, each step
+    # (the default SpotDiffusion parameters: random, seed 0, both axes)
+    sd, td = pack.spot_diffusion, pack.tiled_diffusion
+    plan = td.plan_for(model.model_options["model_function_wrapper"].cfg, H=source.shape[-2],
+                       W=source.shape[-1], compression=8, align=1, device="cpu", dtype=torch.float32)
+    n = 8
+    ys, xs = sd.step_offsets(n, plan.periods, "random", 0, plan.align, sd.DEFAULT_SCHEDULE, plan.partition.rest())
+    act = activity(layout, n, *source.shape[-2:])
+    expected = [sum(bool(act[k, y0:y1, x0:x1].any()) for y0, y1, x0, x1 in plan.partition.cores(ys[k], xs[k]).tolist())
+                for k in range(n)]
+    per_step = {}
+    for call in log.calls:
+        t = round(float(call.t.reshape(-1)[0]), 4)
+        per_step[t] = per_step.get(t, 0) + call.x.shape[0] // len(call.cou)
+    assert list(per_step.values()) == expected, (per_step, expected)
+    assert sum(expected) < n * len(layout.tiles)         # some were inactive
     assert float((out - source).abs().mean()) > 1e-2
 
 
