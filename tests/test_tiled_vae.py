@@ -249,7 +249,21 @@ def test_host_memory_plan_matches_the_run(pack, tv, vae):
 
 # --------------------------------------------------------------------------- fast mode
 
-def test_fast_mode_is_closer_to_untiled_than_comfyui_tiled(tv, vae):
+# Fast mode's mean error against the untiled VAE, measured on this 192 x 192 px photo in 2 x 2 tiles of
+# 96 px: decode 0.023, encode 0.067 (ComfyUI's tiled nodes 0.121, 0.315).  The wrong variant, GroupNorm
+# statistics from an area-averaged copy instead of pixel-centre samples, measures decode 0.105, encode 0.203
+# (the old bound, decode < 0.1, let it nearly pass).
+FAST_BOUNDS = {"decode": 0.03, "encode": 0.085}
+
+
+def area_average(x, height, width):
+    return torch.nn.functional.interpolate(x, size=(height, width), mode="area")
+
+
+@pytest.mark.parametrize("variant", ["pixel centres", "area average (wrong)"])
+def test_fast_mode_is_closer_to_untiled_than_comfyui_tiled(tv, vae, variant, monkeypatch):
+    if variant != "pixel centres":
+        monkeypatch.setattr(tv, "decimate", area_average)
     photo = fx.synthetic_photo(192, 192, seed=15)                # 2 x 2 tiles of 96 px
     lat_ref = untiled_encode(vae, photo)
     img_ref = untiled_decode(vae, lat_ref)
@@ -257,10 +271,11 @@ def test_fast_mode_is_closer_to_untiled_than_comfyui_tiled(tv, vae):
     fast_lat, comfy_lat = tv.encode(vae, photo, 96, fast=True), comfy_tiled_encode(vae, photo, 96)
     errs = {"decode": (mean_err(fast_img, img_ref), mean_err(comfy_img, img_ref)),
             "encode": (mean_err(fast_lat, lat_ref), mean_err(comfy_lat, lat_ref))}
-    print("mean error vs untiled (fast, ComfyUI tiled):", errs)
+    print("mean error vs untiled (fast, ComfyUI tiled):", variant, errs)
     for ours, theirs in errs.values():
         assert 0 < ours < theirs
-    assert errs["decode"][0] < 0.1
+    within = [errs[k][0] < FAST_BOUNDS[k] for k in errs]
+    assert all(within) if variant == "pixel centres" else not all(within), errs
 
 
 # --------------------------------------------------------------------------- fallback, errors, interrupts
