@@ -100,25 +100,31 @@ def test_quadtree_of_image_smaller_than_min_tile_equals_untiled(pack, local):
 # ----------------------------------------------------------------------------------- 8x8 latent, 1-px tiles
 
 @pytest.mark.parametrize("method", METHODS)
-def test_8x8_latent_with_one_pixel_quadtree_tiles(pack, local, method):
+def test_8x8_latent_with_one_pixel_quadtree_tiles_covers_and_schedules_each(pack, local, method):
     """content_threshold 0 and min_tile_size 8 split a noisy 64x64 image into 64 tiles of one latent
-    pixel: every pixel is still covered with weight 1 and sampling stays finite."""
+    pixel: every pixel is still covered with weight 1, sampling stays finite and changes the latent, and
+    (MultiDiffusion, Mixture of Diffusers) each one-pixel tile is evaluated exactly in the steps its own
+    denoise makes it active."""
     noisy = torch.rand((1, 64, 64, 3), generator=torch.Generator().manual_seed(0))
     lay = layout_of(pack, noisy, content_threshold=0.0, min_tile_size=8, min_denoise=0.4, max_denoise=0.9)
     assert len(lay.tiles) == 64 and {(t.w, t.h) for t in lay.tiles} == {(8, 8)}
     assert_covered(plan(pack, 8, 8, method=method, tile_overlap=16, layout=lay))
     pos, neg = conds()
     lat = source(64, 64)
-    out = fx.run_ksampler(tiled(pack, local, method=method, tile_overlap=16, quadtree=lay), pos, neg, lat,
+    model, log = fx.logged(local)
+    out = fx.run_ksampler(tiled(pack, model, method=method, tile_overlap=16, quadtree=lay), pos, neg, lat,
                           steps=3, denoise=0.7)
     assert out.shape == lat.shape and torch.isfinite(out).all()
     assert not torch.equal(out, lat)
+    if method != "SpotDiffusion":
+        rows = sum(call.x.shape[0] // len(call.cou) for call in log.calls)
+        assert rows == pack.variable_denoise.schedule_model_calls([t.denoise for t in lay.tiles], 3)
 
 
 # ----------------------------------------------------------------------------------- 1-px leftover strip
 
 @pytest.mark.parametrize("method", METHODS)
-def test_one_pixel_strip_left_over_after_two_tiles(pack, local_r2, method):
+def test_one_pixel_strip_left_over_after_two_tiles_is_covered(pack, local_r2, method):
     """Latent width 17 = 2 tiles of 8 + 1.  Grid windows spread to cover it (no 1-px window);
     SpotDiffusion's 1-px column joins its neighbour (a 9-px cell; no tile below half a tile at any
     shift).  Mixture of Diffusers with an overlap wider than the model's receptive radius stays close

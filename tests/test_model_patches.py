@@ -184,18 +184,47 @@ def flux_with_uso(fx):
     return t, model
 
 
+class TextTokens:
+    """A ``post_input`` patch set after USO's: records the text tokens the model's blocks get."""
+
+    def __init__(self):
+        self.txt = []
+
+    def __deepcopy__(self, memo):      # the tiled model's clone keeps this one recorder
+        return self
+
+    def __call__(self, kwargs):
+        self.txt.append(kwargs["txt"].detach().clone())
+        return kwargs
+
+    def to(self, device_or_dtype):
+        return self
+
+    def models(self):
+        return []
+
+
 def test_uso_style_tokens_per_tile_row(pack, fx):
-    """cfg 1 (one row untiled, as USO needs): tiled at tile batch 4 every row gets the style tokens, and
-    one tile equals untiled."""
+    """cfg 1 (one row untiled, as USO needs): tiled at tile batch 4 every row of every call gets the style
+    tokens in front of its text, as the untiled call has them, and one tile equals untiled."""
     t, model = flux_with_uso(fx)
+    seen = TextTokens()
+    model.set_model_post_input_patch(seen)
     lat = torch.randn(1, 16, LAT, LAT, generator=torch.Generator().manual_seed(2))
     ref = fx.run_ksampler(model, t.positive, t.negative, lat, steps=2, cfg=1.0, denoise=0.8)
+    untiled = seen.txt[0]
+    assert untiled.shape[0] == 1 and untiled.shape[1] > 3
     one = fx.run_ksampler(tiled(pack, fx, model, tile_width=LAT * 8, tile_height=LAT * 8, tile_overlap=0),
                           t.positive, t.negative, lat, steps=2, cfg=1.0, denoise=0.8)
     assert torch.equal(one, ref)
+    seen.txt.clear()
     out = fx.run_ksampler(tiled(pack, fx, model, tile_batch_size=4), t.positive, t.negative, lat, steps=2, cfg=1.0,
                           denoise=0.8)
     assert out.shape == lat.shape and torch.isfinite(out).all()
+    assert seen.txt and max(txt.shape[0] for txt in seen.txt) == 4      # calls of four tile rows
+    for txt in seen.txt:
+        assert txt.shape[1:] == untiled.shape[1:]
+        assert torch.allclose(txt, untiled.expand_as(txt), atol=1e-6)   # style tokens + text, every row
 
 
 # --------------------------------------------------------------------------- Z-Image Fun ControlNet

@@ -102,6 +102,15 @@ def test_grid_layout_samples_as_a_quadtree(pack):
     g = torch.Generator().manual_seed(0)
     out = fx.run_ksampler(m, fx.tiny_conditioning("a"), fx.tiny_conditioning("b"),
                           torch.randn(1, 4, 24, 32, generator=g), steps=2, denoise=0.5)
-    assert torch.isfinite(out).all()
     seen = [s[-2:] for s in log.shapes]
     assert len(seen) == 4 * 2 and set(seen) == {(14, 18)}       # 12x16 cells + 1 latent px margin a side
+    # the quadtree of a flat image split to the same four cells samples to the same latent
+    (_, quad) = fx.call_node(pack.nodes.QuadtreeVisualizer, **{**fx.node_input_defaults(pack.nodes.QuadtreeVisualizer),
+                             "image": torch.full((1, 192, 256, 3), 0.5), "max_tile_size": 128, "min_denoise": 1.0,
+                             "max_denoise": 1.0})
+    assert [(t.x, t.y, t.w, t.h) for t in quad.tiles] == [(t.x, t.y, t.w, t.h) for t in layout.tiles]
+    args.update(quadtree=quad)
+    g = torch.Generator().manual_seed(0)
+    same = fx.run_ksampler(fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0], fx.tiny_conditioning("a"),
+                           fx.tiny_conditioning("b"), torch.randn(1, 4, 24, 32, generator=g), steps=2, denoise=0.5)
+    assert torch.equal(out, same)
