@@ -4,7 +4,6 @@ Outputs are compared exactly: every workflow ends in ``SaveLatent`` and the save
 are read back (tests/reliability.py).  Before comparing a re-run, the tests check that ComfyUI
 really executed the sampler again (it is not in the prompt's ``execution_cached`` list).
 """
-import math
 import re
 import time
 
@@ -52,61 +51,6 @@ def sampling_lines(log):
 
 # ----------------------------------------------------------------------------------------- interrupt
 
-def test_interrupt_stops_within_a_tile_batch_and_the_next_prompt_is_unaffected(comfy_server, oi):
-    srv = comfy_server
-    photo = rl.ensure_photo(srv, 128, 128, seed=0)
-    small = rl.tiled_prompt(oi, image=photo, layout="quadtree", mode="scale", denoise=0.6, steps=3,
-                            text="before and after the interrupt", seed=3)
-    before, before_log = run_fresh_executed(srv, small)
-
-    # `big`: a grid of 64-px tiles without overlap, one tile per model call (tile_batch_size 1)
-    def big(side, steps):
-        return rl.tiled_prompt(oi, method="MultiDiffusion", mode="off", overlap=0, tile_batch_size=1,
-                               width=side, height=side, steps=steps, cfg=1.0, text=f"long run {side} {steps}",
-                               seed=9)
-
-    def plan_line(side):
-        n = (side // 64) ** 2
-        return f"MultiDiffusion grid on a {side // 8}x{side // 8} latent: {n} tiles"
-
-    # calibrate: the time of one tile batch on this machine now (a 1-step run of 64 tiles)
-    start = len(srv.log_text())
-    pid = srv.queue(big(512, 1))
-    t_first = wait_for_log(srv, plan_line(512), start)
-    one = srv.wait(pid, PROMPT_TIMEOUT)
-    assert one["status"]["status_str"] == "success", rl.status_messages(one)
-    per_tile = max(1e-4, (rl.message(one, "execution_success")["timestamp"] / 1000.0 - t_first) / 64)
-    # a canvas whose every step takes ~3 s: between 64 and 4,096 tile batches per step
-    side = 64 * min(64, max(8, math.ceil(math.sqrt(3.0 / per_tile))))
-    step_s = per_tile * (side // 64) ** 2
-
-    # interrupt a 50-step run 30% into its first step
-    start = len(srv.log_text())
-    pid = srv.queue(big(side, 50))
-    wait_for_log(srv, plan_line(side), start)
-    time.sleep(0.3 * step_s)
-    t_post = time.time()
-    srv.interrupt()
-    entry = srv.wait(pid, PROMPT_TIMEOUT)
-    assert entry["status"]["status_str"] == "error", entry["status"]
-    assert rl.message(entry, "execution_error") is None, rl.status_messages(entry)
-    stop = rl.message(entry, "execution_interrupted")
-    assert stop is not None and stop["node_type"] == "KSampler", rl.status_messages(entry)
-    latency = stop["timestamp"] / 1000.0 - t_post
-    print(f"{per_tile * 1000:.1f} ms per tile batch, {(side // 64) ** 2} tiles per step (~{step_s:.1f}s): "
-          f"interrupt answered after {latency * 1000:.0f} ms")
-    # ComfyUI alone checks for an interrupt between steps (~0.7 of a step was left here); the engine
-    # checks before every tile batch, so the run stops within a small fraction of the step.
-    assert latency < 0.25 * step_s, (latency, step_s)
-    assert srv.alive()
-
-    # the next prompt runs normally and gives exactly what it gave before the interrupt
-    after, after_log = run_fresh_executed(srv, small)
-    assert torch.equal(rl.saved_latent(srv, after), rl.saved_latent(srv, before))
-    assert sampling_lines(after_log) == sampling_lines(before_log)
-    assert "Traceback" not in after_log
-
-
 def large_canvas_prompt(oi, stage: str, seed: int):
     """A 6,000-tile run (5120x4800 px, 64-px MultiDiffusion tiles without overlap, 16 per call, CFG 1)
     with the Cancel probe (tests/fixture_nodes/cancel_probe.py) between the model and the engine."""
@@ -125,11 +69,9 @@ def test_cancel_of_a_6000_tile_run_while_planning_or_sampling(comfy_server, oi, 
     Deterministic: the probe holds the run at a known point (before the engine plans, or just after
     the model returned the third tile batch) until ComfyUI's interrupt flag is set, then lets it go on
     and logs any model call made after it. The engine checks Cancel between its planning phases and
-    before every tile batch, so none is. The wall-clock bound (0.5 s from the POST to ComfyUI's
-    execution_interrupted message) is generous: what runs in between is the HTTP request, the probe's
-    1-ms poll, one tile batch's blend and the exception unwinding, milliseconds here (a Cancel that
-    lands while the model runs a batch waits for that batch too: one 16-tile call of the fixture model
-    takes 0.1-0.15 s in this test server on a loaded machine, so the bound holds then as well)."""
+    before every tile batch, so none is.  No wall-clock bound: the time from the POST to ComfyUI's
+    execution_interrupted message is printed, never asserted (it replaced a test that calibrated the
+    time of a tile batch and asserted the interrupt's latency against it)."""
     srv = comfy_server
     photo = rl.ensure_photo(srv, 128, 128, seed=0)
     small = rl.tiled_prompt(oi, image=photo, layout="quadtree", mode="scale", denoise=0.6, steps=3,
@@ -158,7 +100,6 @@ def test_cancel_of_a_6000_tile_run_while_planning_or_sampling(comfy_server, oi, 
     seen = float(re.search(r"Cancel seen .*\(time ([\d.]+)\)", log).group(1))
     print(f"cancel while {stage}: the run saw Cancel {(seen - t_post) * 1000:.0f} ms after the POST, "
           f"execution_interrupted {latency * 1000:.0f} ms after it")
-    assert latency < 0.5, latency
 
     after, after_log = run_fresh_executed(srv, small)
     assert torch.equal(rl.saved_latent(srv, after), rl.saved_latent(srv, before))
