@@ -340,3 +340,30 @@ def test_nodes_and_runs_leave_the_input_model_unchanged(pack, fx, local):
     assert snapshot(m) == tiled_before
     assert pack.utils.SPOT_KEY not in m.model_options.get("transformer_options", {})
     assert pack.utils.RUN_KEY not in s.model_options.get("transformer_options", {})   # the run's state left with it
+
+
+@pytest.mark.parametrize("fit", [1, 5, 12])
+def test_auto_tile_batch_fills_the_free_memory(pack, fx, local, fit, monkeypatch):
+    """tile_batch_size 0 (auto): with the device's free memory set so that ``fit`` tiles fit in 0.8 of it
+    at 1.5x the model's memory estimate, every call fits and the 12 same-size windows go in the fewest
+    calls of at most ``fit`` tiles: 12, 3, 1 calls per step (a fixed batch, whatever its size, gives one
+    of these for every free memory).  CFG 1: one prompt, so ComfyUI's own cond / uncond batching, which
+    reads the free memory too, stays out of it."""
+    import comfy.model_management as mm
+    per_tile = local.model.memory_required([1, 4, 16, 16]) * 1.5
+    free = (fit + 0.5) * per_tile / 0.8
+    real = mm.get_free_memory
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False:
+                        (free, free) if torch_free_too else free)
+    model, log = fx.logged(local)
+    m = tiled(pack, fx, model, method="MultiDiffusion", tile_width=128, tile_height=128, tile_overlap=0,
+              tile_batch_size=0)
+    pos, neg = conds(fx)
+    fx.run_ksampler(m, pos, neg, source_latent(512, 384), steps=2, cfg=1.0, denoise=0.8)
+    monkeypatch.setattr(mm, "get_free_memory", real)
+    assert {c.x.shape[-2:] for c in log.calls} == {(16, 16)}
+    tiles = [c.x.shape[0] // len(c.cou) for c in log.calls]
+    assert sum(tiles) == 2 * 12
+    assert len(tiles) == 2 * -(-12 // fit), tiles                        # the fewest calls of at most `fit`
+    for c in log.calls:
+        assert local.model.memory_required(list(c.x.shape)) * 1.5 <= 0.8 * free
