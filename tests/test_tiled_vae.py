@@ -156,12 +156,27 @@ def test_other_members_of_the_family(tv, kind):
     assert max_err(tv.decode(vae, {"samples": ref}, TILE), untiled_decode(vae, ref)) < 1e-4
 
 
-def test_bf16_vae_statistics_in_float32(tv):
-    """A bf16 VAE: as close to the float32 result as ComfyUI's own untiled bf16 decode."""
+def test_x4_upscaler_vae_takes_the_exact_path(tv):
+    """The SD x4 upscaler's VAE (one level fewer: 4x, as comfy/sd.py builds it from its weights) is
+    tiled exactly: encode and decode equal ComfyUI's untiled ones."""
+    vae = fx.tiny_vae(seed=16, ddconfig={"ch_mult": [1, 2, 2]})
+    vae.downscale_ratio = vae.upscale_ratio = 4                   # what sd.py sets for that VAE
+    assert tv.unsupported_reason(vae, "decode") is None and tv.unsupported_reason(vae, "encode") is None
+    photo = fx.synthetic_photo(192, 128, seed=9)
+    ref = untiled_encode(vae, photo)
+    lat = tv.encode(vae, photo, TILE)
+    assert lat.shape == ref.shape == (1, 4, 32, 48)
+    assert max_err(lat, ref) < 1e-3
+    assert max_err(tv.decode(vae, {"samples": ref}, TILE), untiled_decode(vae, ref)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_bf16_vae_statistics_in_float32(tv, dtype):
+    """A bf16 / fp16 VAE: as close to the float32 result as ComfyUI's own untiled decode in that dtype."""
     z = fx.smooth_latent(4, 12, 16, seed=10)
     ref32 = untiled_decode(fx.tiny_vae(seed=0), z)
-    vae16 = fx.tiny_vae(seed=0, dtype=torch.bfloat16)
-    assert vae16.vae_dtype == torch.bfloat16
+    vae16 = fx.tiny_vae(seed=0, dtype=dtype)
+    assert vae16.vae_dtype == dtype
     ours, theirs = tv.decode(vae16, {"samples": z}, 48), untiled_decode(vae16, z)
     assert ours.dtype == theirs.dtype
     assert mean_err(ours, ref32) <= 1.5 * mean_err(theirs, ref32) + 1e-3
