@@ -367,3 +367,48 @@ def test_auto_tile_batch_fills_the_free_memory(pack, fx, local, fit, monkeypatch
     assert len(tiles) == 2 * -(-12 // fit), tiles                        # the fewest calls of at most `fit`
     for c in log.calls:
         assert local.model.memory_required(list(c.x.shape)) * 1.5 <= 0.8 * free
+
+
+class HostSyncs:
+    """Counts the host syncs (``aten::_local_scalar_dense``: every ``.item()``, ``.tolist()``, ``float(t)``,
+    ``bool(t)`` of a floating-point tensor: latents, predictions, sigmas, weights) in each step of a
+    sampling run after the first, where the engine has planned its tiles and read the run's sigmas;
+    ``on_step`` is the sampler callback that opens the next step.  Tile geometry is int64 on the CPU by
+    construction (``tile_windows.as_rects``), whatever the model's device: reading it is no device sync,
+    and on this CPU-only machine it could not be told apart from one, so integer reads are not counted."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counts = self.counts = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if counts and func is torch.ops.aten._local_scalar_dense.default and args[0].is_floating_point():
+                    counts[-1] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def on_step(self, i, *args):
+        self.counts.append(0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_host_syncs_inside_a_step(pack, fx, local, method):
+    """From the second step on, a tiled step makes exactly the host syncs of the untiled step (those of
+    ComfyUI's sampler): the engine reads its step from the sampler's callback and its sigmas once per
+    run, and crops, batches and blends on the device.  (A wrong variant, the step index read as
+    ``float(timestep)`` per call, adds one per model call.)"""
+    import comfy.sample
+    pos, neg = conds(fx)
+    lat = source_latent(512, 384)
+    syncs = {}
+    for name, m in (("untiled", local), ("tiled", tiled(pack, fx, local, method=method, tile_width=256,
+                                                          tile_height=256, tile_overlap=64))):
+        count = HostSyncs()
+        noise = comfy.sample.prepare_noise(lat, 0)
+        with count.mode:
+            comfy.sample.sample(m, noise, 4, 7.0, "euler", "normal", pos, neg, lat, denoise=0.8,
+                                callback=count.on_step, disable_pbar=True, seed=0)
+        syncs[name] = count.counts[:-1]          # steps 2..4 (the last callback closes the run)
+    assert len(syncs["tiled"]) == 3 and syncs["tiled"] == syncs["untiled"], syncs
