@@ -72,11 +72,10 @@ def node_list(pack):
 
 
 def tiled(pack, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, method="MultiDiffusion", enable_overlap=False, tile_width=32, tile_height=32,
-                tile_batch_size=4)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{
+        **dict(method="MultiDiffusion", enable_overlap=False, tile_width=32, tile_height=32, tile_batch_size=4),
+        **kw})
 
 
 def controlled_run(pack, make=lambda c: c):

@@ -768,6 +768,37 @@ def node_input_defaults(node_class) -> dict:
     return out
 
 
+def _node_inputs(node_class, inputs: dict) -> dict:
+    """The node's required widget defaults (its own schema: a default change reaches every test), then
+    ``inputs`` by input name; an input the node does not have is an error, not a silent extra."""
+    spec = node_class.INPUT_TYPES()
+    known = set(spec.get("required", {})) | set(spec.get("optional", {}))
+    unknown = set(inputs) - known
+    if unknown:
+        raise TypeError(f"{node_class.__name__} has no input(s) {sorted(unknown)}")
+    return {**node_input_defaults(node_class), **inputs}
+
+
+def tiled(pack, model, **inputs):
+    """Quadtree Diffusion as a user wires it (the one helper the tests use): ``model`` through the node
+    with its schema defaults and ``inputs``; returns the tiled MODEL."""
+    node = pack.nodes.QuadtreeDiffusion
+    return call_node(node, **_node_inputs(node, dict(inputs, model=model)))[0]
+
+
+def visualize(pack, image, **inputs):
+    """Quadtree Visualizer on ``image`` with its schema defaults and ``inputs``: (preview, layout)."""
+    node = pack.nodes.QuadtreeVisualizer
+    return call_node(node, **_node_inputs(node, dict(inputs, image=image)))
+
+
+def plan_of(pack, model, H: int, W: int, compression: int = 8, align: int = 1, **kw):
+    """The plan the engine of a Quadtree Diffusion ``model`` builds for an H x W latent (CPU, float32)."""
+    engine = model.model_options["model_function_wrapper"]
+    return pack.tiled_diffusion.plan_for(engine.cfg, H=H, W=W, compression=compression, align=align, device="cpu",
+                                         dtype=torch.float32, **kw)
+
+
 def synthetic_photo(width: int = 512, height: int = 512, seed: int = 0) -> torch.Tensor:
     """A photo-like IMAGE [1,H,W,3] in 0..1: a smooth sky gradient (flat, top half), a soft
     horizon, and a high-frequency noisy texture region (bottom-right) plus a few hard edges."""

@@ -122,8 +122,7 @@ def test_mixture_of_diffusers_uses_a_gaussian_per_axis_of_that_axis_side(pack):
 def layout(pack):
     """A quadtree of 31 tiles of three sizes (160 x 96, 80 x 48, 40 x 24 px) on the 320 x 192 px canvas."""
     photo = fx.synthetic_photo(W * 8, H * 8, seed=1)
-    (_, lay) = fx.call_node(pack.nodes.QuadtreeVisualizer, image=photo, content_threshold=25.0, min_tile_size=16,
-                            min_denoise=1.0, max_denoise=1.0, line_thickness=0, max_tile_size=160)
+    (_, lay) = fx.visualize(pack, photo, min_tile_size=16, min_denoise=1.0, max_denoise=1.0, max_tile_size=160)
     assert len({(t.w, t.h) for t in lay.tiles}) == 3
     return lay
 

@@ -37,10 +37,8 @@ def with_context(model, length=CONTEXT, overlap=1):
 
 
 def tiled(pack, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, tile_width=64, tile_height=64, tile_overlap=32, tile_batch_size=4)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(tile_width=64, tile_height=64, tile_overlap=32, tile_batch_size=4), **kw})
 
 
 @pytest.fixture(scope="module")

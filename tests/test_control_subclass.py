@@ -97,11 +97,10 @@ def setup(fx):
 
 
 def tiled(pack, fx, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, tile_width=TILE, tile_height=TILE, tile_overlap=32, tile_batch_size=1,
-                method="Mixture of Diffusers")
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{
+        **dict(tile_width=TILE, tile_height=TILE, tile_overlap=32, tile_batch_size=1, method="Mixture of Diffusers"),
+        **kw})
 
 
 @pytest.mark.parametrize("tile_batch", [1, 4])

@@ -105,12 +105,10 @@ def conds(fx):
 
 
 def tiled(pack, fx, model, **kw):
-    node = pack.nodes.QuadtreeDiffusion
-    args = fx.node_input_defaults(node)
-    args.update(model=model, tile_batch_size=4, tile_width=TILE, tile_height=TILE, tile_overlap=16,
-                method="MultiDiffusion")
-    args.update(kw)
-    return fx.call_node(node, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{
+        **dict(tile_batch_size=4, tile_width=TILE, tile_height=TILE, tile_overlap=16, method="MultiDiffusion"),
+        **kw})
 
 
 def plan_of(pack, m, w_px=W_PX, h_px=H_PX):
@@ -118,7 +116,8 @@ def plan_of(pack, m, w_px=W_PX, h_px=H_PX):
     td = pack.tiled_diffusion
     engine = m.model_options["model_function_wrapper"]
     align = pack.utils.latent_patch_size(m.model)
-    return td.plan_for(engine.cfg, h_px // 8, w_px // 8, 8, align, "cpu", torch.float32)
+    return td.plan_for(engine.cfg, H=h_px // 8, W=w_px // 8, compression=8, align=align,
+                       device="cpu", dtype=torch.float32)
 
 
 def latent(batch=1, seed=5, w=W_PX, h=H_PX):
@@ -501,7 +500,8 @@ def test_per_image_layouts_take_each_items_own_hint(pack, fx, sd15, cnet):
     pn = with_control(conds(fx), control, img)
     m = tiled(pack, fx, sd15, quadtree=layout, tile_overlap=0)
     engine = m.model_options["model_function_wrapper"]
-    plans = [pack.tiled_diffusion.plan_for(engine.cfg, H_PX // 8, W_PX // 8, 8, 1, "cpu", torch.float32, item=i)
+    plans = [pack.tiled_diffusion.plan_for(engine.cfg, H=H_PX // 8, W=W_PX // 8, compression=8, align=1,
+                                           device="cpu", dtype=torch.float32, item=i)
              for i in range(2)]
     assert len(plans[0].windows) != len(plans[1].windows)
     rec.calls.clear()

@@ -39,24 +39,18 @@ def source(w, h, seed=3):
 
 
 def tiled(pack, model, **kw):
-    node = pack.nodes.QuadtreeDiffusion
-    args = fx.node_input_defaults(node)
-    args.update(model=model, tile_width=64, tile_height=64, tile_overlap=32, tile_batch_size=4)
-    args.update(kw)
-    return fx.call_node(node, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(tile_width=64, tile_height=64, tile_overlap=32, tile_batch_size=4), **kw})
 
 
 def layout_of(pack, image, **kw):
-    args = dict(content_threshold=25.0, min_tile_size=128, min_denoise=1.0, max_denoise=1.0, line_thickness=1,
-                max_tile_size=1024)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeVisualizer, image=image, **args)[1]
+    return fx.visualize(pack, image, **{**dict(min_denoise=1.0, max_denoise=1.0), **kw})[1]
 
 
 def plan(pack, H, W, **kw):
     td = pack.tiled_diffusion
     cfg = td.TileConfig(**{**dict(tile_width=64, tile_height=64, tile_overlap=32), **kw})
-    return td.plan_for(cfg, H, W, 8, 1, "cpu", torch.float32)
+    return td.plan_for(cfg, H=H, W=W, compression=8, align=1, device="cpu", dtype=torch.float32)
 
 
 def assert_covered(p):

@@ -11,11 +11,8 @@ METHODS = ["MultiDiffusion", "Mixture of Diffusers", "SpotDiffusion"]
 
 
 def tiled(pack, fx, model, **kw):
-    node = pack.nodes.QuadtreeDiffusion
-    args = fx.node_input_defaults(node)
-    args.update(model=model, tile_batch_size=4)
-    args.update(kw)
-    return fx.call_node(node, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(tile_batch_size=4), **kw})
 
 
 def conds(fx):
@@ -45,20 +42,13 @@ def test_one_tile_equals_untiled(pack, fx, local, method):
 def test_one_leaf_quadtree_equals_untiled(pack, fx, local):
     pos, neg = conds(fx)
     flat = torch.full((1, 192, 256, 3), 0.5)
-    _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=flat, content_threshold=25.0, min_tile_size=64,
-                             min_denoise=1.0, max_denoise=1.0, line_thickness=2, max_tile_size=1024)
+    _, layout = fx.visualize(pack, flat, content_threshold=25.0, min_tile_size=64, min_denoise=1.0, max_denoise=1.0,
+                             max_tile_size=1024)
     assert len(layout.tiles) == 1
     lat = source_latent(256, 192)
     ref = fx.run_ksampler(local, pos, neg, lat, steps=4, denoise=0.7)
     out = fx.run_ksampler(tiled(pack, fx, local, quadtree=layout), pos, neg, lat, steps=4, denoise=0.7)
     assert torch.equal(out, ref)
-
-
-def plan_of(pack, model, H, W):
-    """The plan the engine of a Quadtree Diffusion ``model`` builds for an H x W latent."""
-    td = pack.tiled_diffusion
-    engine = model.model_options["model_function_wrapper"]
-    return td.plan_for(engine.cfg, H=H, W=W, compression=8, align=1, device="cpu", dtype=torch.float32)
 
 
 def seam_report(windows, out, ref, radius):
@@ -126,7 +116,7 @@ def test_tiled_close_to_untiled(pack, fx, local, method, capsys):
     ref = fx.run_ksampler(local, pos, neg, lat, steps=4, denoise=0.8)
     m = tiled(pack, fx, local, method=method, tile_width=256, tile_height=256, tile_overlap=64)
     out = fx.run_ksampler(m, pos, neg, lat, steps=4, denoise=0.8)
-    windows = [(w.y0, w.y1, w.x0, w.x1) for w in plan_of(pack, m, *lat.shape[-2:]).windows]
+    windows = [(w.y0, w.y1, w.x0, w.x1) for w in fx.plan_of(pack, m, *lat.shape[-2:]).windows]
     boundary, interior = seam_report(windows, out, ref, local.receptive_radius)
     with capsys.disabled():
         print(f"\n[seam] {method}: max |tiled-untiled| near tile edges {boundary:.4f}, elsewhere {interior:.4f} "

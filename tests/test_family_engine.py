@@ -22,10 +22,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")     # tiny models: see con
 
 
 def tiled(pack, fx, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, method="Mixture of Diffusers", tile_batch_size=4)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(method="Mixture of Diffusers", tile_batch_size=4), **kw})
 
 
 def cosmos_family():
@@ -77,7 +75,7 @@ def test_pixart_spot_quadtree_refused_clearly(pack, fx):
                              min_denoise=1.0, max_denoise=1.0, line_thickness=0, max_tile_size=128)
     cfg = td.TileConfig(method="SpotDiffusion", layout=layout)
     with pytest.raises(ValueError, match="smaller than the 272px this model takes.*min_tile_size"):
-        td.plan_for(cfg, 64, 64, 8, 2, "cpu", torch.float32, min_tile=34)
+        td.plan_for(cfg, H=64, W=64, compression=8, align=2, device="cpu", dtype=torch.float32, min_tile=34)
 
 
 def test_cascade_b_effnet_cropped_after_canvas_resample(pack, fx):

@@ -115,13 +115,10 @@ def quadtree_layout(pack, fx):
 
 
 def tiled(pack, fx, model, mode, **kw):
-    node = pack.nodes.QuadtreeDiffusion
-    args = fx.node_input_defaults(node)
-    args.update(model=model, tile_batch_size=4, tile_width=64, tile_height=64, tile_overlap=16)
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
     if mode == "quadtree":
-        args.update(quadtree=quadtree_layout(pack, fx))
-    args.update(kw)
-    return fx.call_node(node, **args)[0]
+        kw = dict(quadtree=quadtree_layout(pack, fx), **kw)
+    return fx.tiled(pack, model, **{**dict(tile_batch_size=4, tile_width=64, tile_height=64, tile_overlap=16), **kw})
 
 
 # --------------------------------------------------------------------------- every family, both modes
@@ -167,7 +164,8 @@ def test_one_tile_equals_untiled(pack, fx, name):
 
 def _plan(pack, m, batch_item=0):
     engine = m.model_options["model_function_wrapper"]
-    return pack.tiled_diffusion.plan_for(engine.cfg, H_PX // 8, W_PX // 8, 8, 2, "cpu", torch.float32,
+    return pack.tiled_diffusion.plan_for(engine.cfg, H=H_PX // 8, W=W_PX // 8, compression=8, align=2,
+                                         device="cpu", dtype=torch.float32,
                                          item=batch_item)
 
 
@@ -239,9 +237,10 @@ def test_patch_aligned_windows(pack, fx, H, W):
         for tile_px, overlap_px in ((40, 24), (64, 16), (72, 8), (120, 40)):
             cfg = td.TileConfig(method=method, tile_overlap=overlap_px, tile_width=tile_px, tile_height=tile_px,
                                 tile_batch_size=4)
-            _check_aligned(td.plan_for(cfg, H, W, 8, 2, "cpu", torch.float32))
+            _check_aligned(td.plan_for(cfg, H=H, W=W, compression=8, align=2, device="cpu", dtype=torch.float32))
             cfg = td.TileConfig(method=method, tile_overlap=overlap_px, tile_batch_size=4, layout=layout)
-            _check_aligned(td.plan_for(cfg, H, W, 8, 2, "cpu", torch.float32, check_aspect=False))
+            _check_aligned(td.plan_for(cfg, H=H, W=W, compression=8, align=2,
+                                       device="cpu", dtype=torch.float32, check_aspect=False))
 
 
 def test_flux_tiles_never_padded(pack, fx):

@@ -77,11 +77,11 @@ def recording(patch, log):
 
 
 def tiled(pack, fx, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, method="Mixture of Diffusers", tile_width=TILE * 8, tile_height=TILE * 8,
-                tile_overlap=32, tile_batch_size=1)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{
+        **dict(method="Mixture of Diffusers", tile_width=TILE * 8, tile_height=TILE * 8, tile_overlap=32,
+               tile_batch_size=1),
+        **kw})
 
 
 # --------------------------------------------------------------------------- Qwen-Image DiffSynth

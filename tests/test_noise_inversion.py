@@ -47,11 +47,10 @@ def sample(ncs, model, sigmas, latent, case):
 
 
 def tiled(pack, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, tile_width=128, tile_height=128, tile_overlap=32, tile_batch_size=4,
-                variable_denoise="off")
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{
+        **dict(tile_width=128, tile_height=128, tile_overlap=32, tile_batch_size=4, variable_denoise="off"),
+        **kw})
 
 
 def rel(a, b):

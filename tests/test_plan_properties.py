@@ -129,7 +129,7 @@ def test_plan_properties(tp, qt, H, W, method, overlap, enable, tw, th, skip, al
         layout = qt.build_quadtree(image(H * C * k, W * C * k, kind, seed), thr, mn, mx, 0.1, 0.9)
     cfg = tp.TileConfig(method=method, enable_overlap=enable, tile_overlap=overlap, tile_batch_size=4,
                         skip_below=skip, variable_denoise="schedule", tile_width=tw, tile_height=th, layout=layout)
-    plan = tp.plan_for(cfg, H, W, C, align, "cpu", dtype)
+    plan = tp.plan_for(cfg, H=H, W=W, compression=C, align=align, device="cpu", dtype=dtype)
     check_plan(tp, qt, plan, cfg, H, W, align, dtype)
 
     if layout is not None:   # the windows are the layout scaled to the latent, in order, with its denoise
@@ -183,7 +183,7 @@ def test_plan_properties(tp, qt, H, W, method, overlap, enable, tw, th, skip, al
 ])
 def test_half_precision_plan(tp, qt, method):
     cfg = tp.TileConfig(method=method, tile_overlap=64, tile_width=256, tile_height=256)
-    plan = tp.plan_for(cfg, 48, 40, C, 1, "cpu", torch.float16)
+    plan = tp.plan_for(cfg, H=48, W=40, compression=C, align=1, device="cpu", dtype=torch.float16)
     check_plan(tp, qt, plan, cfg, 48, 40, 1, torch.float16)
 
 
@@ -191,7 +191,7 @@ def test_half_precision_plan(tp, qt, method):
 
 def grid_plan(tp, H, W, tile=1024, overlap=64, method="Mixture of Diffusers", tile_h=None, align=1, **kw):
     cfg = tp.TileConfig(method=method, tile_overlap=overlap, tile_width=tile, tile_height=tile_h or tile, **kw)
-    return cfg, tp.plan_for(cfg, H, W, C, align, "cpu", torch.float32)
+    return cfg, tp.plan_for(cfg, H=H, W=W, compression=C, align=align, device="cpu", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -219,7 +219,7 @@ def test_overlap_clamped_in_quadtree_mode_is_noted(tp, qt):
     img[:128, :128] = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(0))
     layout = qt.build_quadtree(img, 10.0, 32, 1024, 0.2, 0.8)      # smallest side 32 px = 4 latent
     cfg = tp.TileConfig(method="Mixture of Diffusers", tile_overlap=512, layout=layout)
-    plan = tp.plan_for(cfg, 32, 32, C, 1, "cpu", torch.float32)
+    plan = tp.plan_for(cfg, H=32, W=32, compression=C, align=1, device="cpu", dtype=torch.float32)
     check_plan(tp, qt, plan, cfg, 32, 32, 1, torch.float32)
     assert any("clamp" in n for n in plan.notes), plan.notes
 
@@ -248,7 +248,7 @@ def test_one_pixel_leftover_strip(tp, qt, method):
 def test_one_latent_pixel_canvas(tp, qt, method, quadtree, align):
     layout = qt.build_quadtree(torch.rand(8, 8, 3), 0.0, 1, 1024, 0.2, 0.8) if quadtree else None
     cfg = tp.TileConfig(method=method, tile_overlap=64, tile_width=512, tile_height=512, layout=layout)
-    plan = tp.plan_for(cfg, 1, 1, C, align, "cpu", torch.float32)
+    plan = tp.plan_for(cfg, H=1, W=1, compression=C, align=align, device="cpu", dtype=torch.float32)
     check_plan(tp, qt, plan, cfg, 1, 1, align, torch.float32)
     assert [(w.y0, w.y1, w.x0, w.x1) for w in plan.windows] == [(0, 1, 0, 1)]
 
@@ -257,9 +257,9 @@ def test_aspect_mismatch_is_refused_naming_the_quadtree(tp, qt):
     layout = qt.build_quadtree(torch.full((256, 256, 3), 0.5), 25.0, 64, 1024, 0.2, 0.8)
     cfg = tp.TileConfig(layout=layout)
     with pytest.raises(ValueError, match="quadtree"):
-        tp.plan_for(cfg, 32, 48, C, 1, "cpu", torch.float32)
+        tp.plan_for(cfg, H=32, W=48, compression=C, align=1, device="cpu", dtype=torch.float32)
     # the same aspect at another size is scaled, not refused
-    plan = tp.plan_for(cfg, 48, 48, C, 1, "cpu", torch.float32)
+    plan = tp.plan_for(cfg, H=48, W=48, compression=C, align=1, device="cpu", dtype=torch.float32)
     check_plan(tp, qt, plan, cfg, 48, 48, 1, torch.float32)
 
 
@@ -276,6 +276,7 @@ def test_more_than_1000_quadtree_tiles(tp, qt):
     layout = qt.build_quadtree(img, 0.0, 8, 1024, 0.2, 0.8)
     assert len(layout.tiles) > 1000
     cfg = tp.TileConfig(method="Mixture of Diffusers", tile_overlap=64, layout=layout)
-    plan = tp.plan_for(cfg, 32, 36, C, 1, "cpu", torch.float32)       # 1-latent-px cores, clamped margin
+    plan = tp.plan_for(cfg, H=32, W=36, compression=C, align=1,
+                       device="cpu", dtype=torch.float32)       # 1-latent-px cores, clamped margin
     assert len(plan.windows) == len(layout.tiles)
     check_plan(tp, qt, plan, cfg, 32, 36, 1, torch.float32)

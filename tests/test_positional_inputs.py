@@ -26,10 +26,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiled(pack, fx, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, method="Mixture of Diffusers", tile_batch_size=4)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(method="Mixture of Diffusers", tile_batch_size=4), **kw})
 
 
 def step(model, pos, neg, latent, add_noise=True):

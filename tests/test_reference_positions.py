@@ -102,10 +102,8 @@ def record(model, dm, pos, neg, lat, cfg=2.0, name="Flux"):
 
 
 def tiled(pack, fx, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, method="Mixture of Diffusers", tile_overlap=16)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(method="Mixture of Diffusers", tile_overlap=16), **kw})
 
 
 def layout_kwargs(pack, fx, layout, compression, p):

@@ -29,10 +29,8 @@ def regional(kind, base, region_prompt, box=(96, 64, 192, 160)):
 
 
 def tiled(pack, model, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, tile_batch_size=4, method="Mixture of Diffusers", tile_overlap=64)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(tile_batch_size=4, method="Mixture of Diffusers", tile_overlap=64), **kw})
 
 
 @pytest.fixture(scope="module")

@@ -160,12 +160,10 @@ def case_latent():
 
 
 def tiled(pack, fx, model, **kw):
-    node = pack.nodes.QuadtreeDiffusion
-    args = fx.node_input_defaults(node)
-    args.update(model=model, method="SpotDiffusion", enable_overlap=False, tile_width=256, tile_height=256,
-                tile_batch_size=8)
-    args.update(kw)
-    return fx.call_node(node, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{
+        **dict(method="SpotDiffusion", enable_overlap=False, tile_width=256, tile_height=256, tile_batch_size=8),
+        **kw})
 
 
 def spot(pack, fx, model, **kw):
@@ -226,8 +224,8 @@ def test_close_to_untiled_for_every_shift_seed(pack, fx, local, case, method, ca
     base.set_model_unet_function_wrapper(counter)
     m = tiled(pack, fx, base)
     td = pack.tiled_diffusion
-    plan = td.plan_for(td.TileConfig(method="SpotDiffusion", tile_width=256, tile_height=256), CASE_H, CASE_W, 8, 1,
-                       "cpu", torch.float32)
+    plan = td.plan_for(td.TileConfig(method="SpotDiffusion", tile_width=256, tile_height=256), H=CASE_H, W=CASE_W,
+                       compression=8, align=1, device="cpu", dtype=torch.float32)
     possible = {step_pixels(plan, oy, ox) for oy in range(32) for ox in range(32)}
     errs = []
     for seed in range(8):
@@ -290,8 +288,8 @@ def test_margin_at_the_receptive_field_equals_untiled(pack, fx, local, case):
     out = fx.run_ksampler(m, pos, neg, lat, **CASE)
     assert float((out - ref).abs().max()) < 1e-5      # float rounding only (convolutions of other sizes)
     td = pack.tiled_diffusion
-    plan = td.plan_for(td.TileConfig(method="SpotDiffusion", tile_width=256, tile_height=256), CASE_H, CASE_W, 8, 1,
-                       "cpu", torch.float32)
+    plan = td.plan_for(td.TileConfig(method="SpotDiffusion", tile_width=256, tile_height=256), H=CASE_H, W=CASE_W,
+                       compression=8, align=1, device="cpu", dtype=torch.float32)
     possible = {step_pixels(plan, oy, ox, 3) for oy in range(32) for ox in range(32)}
     assert set(counter.per_step.values()) <= possible
     half = spot(pack, fx, tiled(pack, fx, local), shift_method="random", seed=1, context_margin=8)
@@ -308,7 +306,7 @@ def test_memory_planning_sees_the_largest_shifted_window(pack, fx):
     h, w, n = engine._largest_tile(CASE_H, CASE_W, 8, 1)
     assert (h, w) == (47, 47) and n == 12      # edge tiles up to 3/2 of 32 - 1; 3 x 4 tiles at o = 16
     assert engine._largest_tile(CASE_H, CASE_W, 8, 1, margin=3)[:2] == (53, 53)
-    plan = td.plan_for(cfg, CASE_H, CASE_W, 8, 1, "cpu", torch.float32)
+    plan = td.plan_for(cfg, H=CASE_H, W=CASE_W, compression=8, align=1, device="cpu", dtype=torch.float32)
     seen = {w.size for oy in range(32) for ox in range(32) for w in plan.spot_windows(oy, ox)}
     assert max(s[0] for s in seen) == 47 and max(s[1] for s in seen) == 47
 
@@ -321,8 +319,7 @@ def test_quadtree_schedule_keeps_source_and_partitions(pack, fx, local):
     result moves."""
     photo = fx.synthetic_photo(384, 256, seed=1)
     src = fx.FixtureVAE().encode(photo)
-    _, layout = fx.call_node(pack.nodes.QuadtreeVisualizer, image=photo, content_threshold=25.0, min_tile_size=64,
-                             min_denoise=0.0, max_denoise=1.0, line_thickness=1, max_tile_size=1024)
+    _, layout = fx.visualize(pack, photo, min_tile_size=64, min_denoise=0.0, max_denoise=1.0)
     counter = PixelCount()
     base = local.clone()
     base.set_model_unet_function_wrapper(counter)

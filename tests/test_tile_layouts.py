@@ -7,10 +7,9 @@ import qtd_fixtures as fx
 
 
 def visualize(pack, image, **kw):
-    args = dict(image=image, content_threshold=20.0, min_tile_size=32, min_denoise=0.2, max_denoise=0.8,
-                line_thickness=0, max_tile_size=128)
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeVisualizer, **args)
+    """Quadtree Visualizer (``fx.visualize``) with this file's settings, ``kw`` on top."""
+    return fx.visualize(pack, image, **{**dict(content_threshold=20.0, min_tile_size=32, line_thickness=0,
+                                               max_tile_size=128), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +104,8 @@ def test_grid_layout_samples_as_a_quadtree(pack):
     seen = [s[-2:] for s in log.shapes]
     assert len(seen) == 4 * 2 and set(seen) == {(14, 18)}       # 12x16 cells + 1 latent px margin a side
     # the quadtree of a flat image split to the same four cells samples to the same latent
-    (_, quad) = fx.call_node(pack.nodes.QuadtreeVisualizer, **{**fx.node_input_defaults(pack.nodes.QuadtreeVisualizer),
-                             "image": torch.full((1, 192, 256, 3), 0.5), "max_tile_size": 128, "min_denoise": 1.0,
-                             "max_denoise": 1.0})
+    (_, quad) = fx.visualize(pack, torch.full((1, 192, 256, 3), 0.5), max_tile_size=128, min_denoise=1.0,
+                             max_denoise=1.0)
     assert [(t.x, t.y, t.w, t.h) for t in quad.tiles] == [(t.x, t.y, t.w, t.h) for t in layout.tiles]
     args.update(quadtree=quad)
     g = torch.Generator().manual_seed(0)

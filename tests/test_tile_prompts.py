@@ -23,11 +23,10 @@ def tile_conditioning(pack, base, layout, prompts):
 
 
 def tiled(pack, model, layout, **kw):
-    args = fx.node_input_defaults(pack.nodes.QuadtreeDiffusion)
-    args.update(model=model, quadtree=layout, method="MultiDiffusion", tile_overlap=0, tile_batch_size=4,
-                variable_denoise="off")
-    args.update(kw)
-    return fx.call_node(pack.nodes.QuadtreeDiffusion, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{
+        **dict(quadtree=layout, method="MultiDiffusion", tile_overlap=0, tile_batch_size=4, variable_denoise="off"),
+        **kw})
 
 
 def source(seed=3):
