@@ -178,33 +178,14 @@ def case(pack, fx, local):
     return pos, neg, lat, ref
 
 
-class PixelCount:
-    """A unet function wrapper set before Quadtree Diffusion (the engine calls it per tile batch):
-    latent pixels evaluated per canvas row, summed per timestep."""
-
-    def __init__(self):
-        self.per_step = {}
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, apply_model, args):
-        x, cou = args["input"], args["cond_or_uncond"]
-        t = round(float(args["timestep"].reshape(-1)[0]), 4)
-        self.per_step[t] = self.per_step.get(t, 0) + x.shape[0] // len(cou) * x.shape[-2] * x.shape[-1]
-        return apply_model(x, args["timestep"], **args["c"])
-
-
-class ShapeCount(PixelCount):
-    """PixelCount that also keeps the distinct model input shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = set()
-
-    def __call__(self, apply_model, args):
-        self.shapes.add(tuple(args["input"].shape))
-        return super().__call__(apply_model, args)
+def pixels_per_step(log) -> dict:
+    """From a ``fx.CallLog`` set before Quadtree Diffusion: latent pixels evaluated per canvas row, summed
+    per timestep."""
+    out = {}
+    for call in log.calls:
+        t = round(float(call.t.reshape(-1)[0]), 4)
+        out[t] = out.get(t, 0) + call.x.shape[0] // len(call.cou) * call.x.shape[-2] * call.x.shape[-1]
+    return out
 
 
 def step_pixels(plan, oy, ox, margin=0, exact=False):
@@ -219,9 +200,7 @@ def test_close_to_untiled_for_every_shift_seed(pack, fx, local, case, method, ca
     partition's windows once (the pixels the plan states), in at most 4 window shapes per run
     (SpotDiffusion's fixed edge windows; each shape at most two batch sizes)."""
     pos, neg, lat, ref = case
-    counter = ShapeCount()
-    base = local.clone()
-    base.set_model_unet_function_wrapper(counter)
+    base, log = fx.logged(local)
     m = tiled(pack, fx, base)
     td = pack.tiled_diffusion
     plan = td.plan_for(td.TileConfig(method="SpotDiffusion", tile_width=256, tile_height=256), H=CASE_H, W=CASE_W,
@@ -229,13 +208,13 @@ def test_close_to_untiled_for_every_shift_seed(pack, fx, local, case, method, ca
     possible = {step_pixels(plan, oy, ox) for oy in range(32) for ox in range(32)}
     errs = []
     for seed in range(8):
-        counter.per_step.clear()
-        counter.shapes.clear()
+        log.calls.clear()
         out = fx.run_ksampler(spot(pack, fx, m, shift_method=method, seed=seed), pos, neg, lat, **CASE)
         errs.append(float((out - ref).abs().mean()) / float(ref.std()))
-        assert len(counter.per_step) == CASE["steps"]
-        assert set(counter.per_step.values()) <= possible, counter.per_step
-        assert len({s[-2:] for s in counter.shapes}) <= 4, counter.shapes
+        per_step = pixels_per_step(log)
+        assert len(per_step) == CASE["steps"]
+        assert set(per_step.values()) <= possible, per_step
+        assert len({s[-2:] for s in log.shapes}) <= 4, log.shapes
     with capsys.disabled():
         print(f"\n[spot seams] {method}: " + " ".join(f"{e:.4f}" for e in errs))
     assert max(errs) <= BOUND, errs
@@ -265,25 +244,21 @@ def test_exact_edge_windows_partition_the_canvas(pack, fx, local, case):
     """edge_windows "exact": every tile in a window of its own size, so a step evaluates exactly the
     canvas's pixels (the fewest), at the seam error of that partition."""
     pos, neg, lat, ref = case
-    counter = ShapeCount()
-    base = local.clone()
-    base.set_model_unet_function_wrapper(counter)
+    base, log = fx.logged(local)
     m = spot(pack, fx, tiled(pack, fx, base), shift_method="random", seed=0)
     m.model_options["transformer_options"][pack.utils.SPOT_KEY]["edge_windows"] = "exact"
     out = fx.run_ksampler(m, pos, neg, lat, **CASE)
-    assert set(counter.per_step.values()) == {CASE_H * CASE_W}, counter.per_step
+    assert set(pixels_per_step(log).values()) == {CASE_H * CASE_W}, pixels_per_step(log)
     err = float((out - ref).abs().mean()) / float(ref.std())
     assert err <= EXACT_BOUND, err
-    assert len({s[-2:] for s in counter.shapes}) > 4          # the edge tiles' shapes change with the shifts
+    assert len({s[-2:] for s in log.shapes}) > 4          # the edge tiles' shapes change with the shifts
 
 
 def test_margin_at_the_receptive_field_equals_untiled(pack, fx, local, case):
     """A context margin as wide as the model's receptive field (3 latent px = 24 px) leaves no seam:
     the result is the untiled one; a step evaluates its windows, each grown by the margin."""
     pos, neg, lat, ref = case
-    counter = PixelCount()
-    base = local.clone()
-    base.set_model_unet_function_wrapper(counter)
+    base, log = fx.logged(local)
     m = spot(pack, fx, tiled(pack, fx, base), shift_method="random", seed=1, context_margin=24)
     out = fx.run_ksampler(m, pos, neg, lat, **CASE)
     assert float((out - ref).abs().max()) < 1e-5      # float rounding only (convolutions of other sizes)
@@ -291,7 +266,7 @@ def test_margin_at_the_receptive_field_equals_untiled(pack, fx, local, case):
     plan = td.plan_for(td.TileConfig(method="SpotDiffusion", tile_width=256, tile_height=256), H=CASE_H, W=CASE_W,
                        compression=8, align=1, device="cpu", dtype=torch.float32)
     possible = {step_pixels(plan, oy, ox, 3) for oy in range(32) for ox in range(32)}
-    assert set(counter.per_step.values()) <= possible
+    assert set(pixels_per_step(log).values()) <= possible
     half = spot(pack, fx, tiled(pack, fx, local), shift_method="random", seed=1, context_margin=8)
     none = spot(pack, fx, tiled(pack, fx, local), shift_method="random", seed=1)
     err = [float((fx.run_ksampler(mm, pos, neg, lat, **CASE) - ref).abs().mean()) for mm in (none, half)]
@@ -320,9 +295,7 @@ def test_quadtree_schedule_keeps_source_and_partitions(pack, fx, local):
     photo = fx.synthetic_photo(384, 256, seed=1)
     src = fx.FixtureVAE().encode(photo)
     _, layout = fx.visualize(pack, photo, min_tile_size=64, min_denoise=0.0, max_denoise=1.0)
-    counter = PixelCount()
-    base = local.clone()
-    base.set_model_unet_function_wrapper(counter)
+    base, log = fx.logged(local)
     pos, neg = fx.tiny_conditioning("a photo"), fx.tiny_conditioning("blurry")
     m = spot(pack, fx, tiled(pack, fx, base, quadtree=layout), shift_method="fibonacci", seed=2)
     out = fx.run_ksampler(m, pos, neg, src, steps=6, denoise=0.9)
@@ -331,14 +304,15 @@ def test_quadtree_schedule_keeps_source_and_partitions(pack, fx, local):
     for t in zero:
         sl = (..., slice(t.y // 8, (t.y + t.h) // 8), slice(t.x // 8, (t.x + t.w) // 8))
         assert torch.allclose(out[sl], src[sl], atol=1e-4)
-    everything = PixelCount()
-    base.set_model_unet_function_wrapper(everything)
+    counted = pixels_per_step(log)
+    log.calls.clear()
     m_off = spot(pack, fx, tiled(pack, fx, base, quadtree=layout, variable_denoise="off"), shift_method="fibonacci",
                  seed=2)
     fx.run_ksampler(m_off, pos, neg, src, steps=6, denoise=0.9)
-    assert counter.per_step and counter.per_step.keys() == everything.per_step.keys()
-    assert all(counter.per_step[t] <= everything.per_step[t] for t in counter.per_step)
-    assert sum(counter.per_step.values()) < sum(everything.per_step.values())
+    everything = pixels_per_step(log)
+    assert counted and counted.keys() == everything.keys()
+    assert all(counted[t] <= everything[t] for t in counted)
+    assert sum(counted.values()) < sum(everything.values())
     assert float((out - src).abs().mean()) > 1e-2
 
 
