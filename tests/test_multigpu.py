@@ -144,17 +144,13 @@ def conds(fx):
 
 
 def tiled(pack, fx, model, **kw):
-    node = pack.nodes.QuadtreeDiffusion
-    args = fx.node_input_defaults(node)
-    args.update(model=model, tile_batch_size=2, tile_width=128, tile_height=128, tile_overlap=32,
-                method="Mixture of Diffusers")
-    args.update(kw)
-    return fx.call_node(node, **args)[0]
+    """Quadtree Diffusion (``fx.tiled``) with this file's settings, ``kw`` on top."""
+    return fx.tiled(pack, model, **{**dict(tile_batch_size=2, tile_width=128, tile_height=128, tile_overlap=32,
+                                           method="Mixture of Diffusers"), **kw})
 
 
 def layout(pack, fx, photo):
-    return fx.call_node(pack.nodes.QuadtreeVisualizer, image=photo, content_threshold=25.0, min_tile_size=64,
-                        min_denoise=0.2, max_denoise=1.0, line_thickness=1, max_tile_size=1024)[1]
+    return fx.visualize(pack, photo, min_tile_size=64, min_denoise=0.2, max_denoise=1.0)[1]
 
 
 def engine_model(pack, fx, local, photo, kind):
