@@ -37,6 +37,12 @@ class RunState:
     source: torch.Tensor | None
     canvas: tuple
     step: int = 0
+    # The step of the model evaluation under way (None until ComfyUI's CALC_COND_BATCH reports one):
+    # ``step`` unless the sampler evaluates a second time after a step's callback (see step_of_evaluation)
+    eval_step: int | None = None
+    second_evaluation: bool = False      # the sampler is one of SECOND_EVALUATION
+    evaluations: int = 0                 # evaluations since the last callback
+    timestep: object = None              # the evaluation under way's timestep tensor (its identity marks it)
     plans: dict = field(default_factory=dict)     # (batch item, device) -> Plan
     spot: dict = field(default_factory=dict)     # batch item -> (y shifts, x shifts) per step
     batch: dict = field(default_factory=dict)    # (device, window size) -> auto tile batch
@@ -108,6 +114,35 @@ def run_calls(run: RunState) -> str:
             f"{len(run.shapes)} distinct input shapes")
 
 
+# k-diffusion samplers that evaluate the model once more in a step after that step's callback (heun's
+# corrector at the next sigma, a midpoint for the others) unless the step ends at sigma 0.
+SECOND_EVALUATION = ("sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_sde",
+                     "sample_dpmpp_sde_gpu")
+
+
+def evaluates_after_callback(sampler) -> bool:
+    """Whether ComfyUI's ``sampler`` (a ``KSAMPLER``) runs one of SECOND_EVALUATION: detected by the
+    function object it holds, so a sampler not listed keeps the callback's step."""
+    fn = getattr(sampler, "sampler_function", None)
+    try:
+        import comfy.k_diffusion.sampling as kds
+    except ImportError:
+        return False
+    return fn is not None and any(fn is getattr(kds, name, None) for name in SECOND_EVALUATION)
+
+
+def step_of_evaluation(step: int, evaluations: int, second_evaluation: bool) -> int:
+    """The step a model evaluation belongs to, given ``step`` = callbacks seen so far and ``evaluations``
+    = evaluations since the last callback, this one included.
+
+    The callback of step i comes after the step's first evaluation, so ``step`` is already i + 1 at its
+    second one: for a SECOND_EVALUATION sampler the first evaluation after a callback is step - 1's.
+    (Heun's corrector has the next step's sigma and the same input as Euler's next evaluation: only the
+    sampler tells them apart.)
+    """
+    return step - 1 if second_evaluation and step > 0 and evaluations == 1 else step
+
+
 class SamplingRun:
     """The sampler-facing side of the tile engine: keyed wrappers and the run's log lines."""
 
@@ -128,8 +163,11 @@ class SamplingRun:
         mo["transformer_options"] = to
         self._log_run_start(run, inverted_from is not None)
 
+        run.second_evaluation = evaluates_after_callback(getattr(executor, "class_obj", None))
+
         def counting_callback(i, denoised, x, total, *cb_args, **cb_kwargs):
             run.step = i + 1
+            run.evaluations = 0
             if callback is not None:
                 return callback(i, denoised, x, total, *cb_args, **cb_kwargs)
 
@@ -142,10 +180,22 @@ class SamplingRun:
         finally:
             self._log_run_end(run)
 
+    def mark_evaluation(self, executor, model, conds, x_in, timestep, model_options, *args, **kwargs):
+        """CALC_COND_BATCH: a new model evaluation starts when ComfyUI passes another timestep tensor
+        (every call and context window of one evaluation shares it); its step is step_of_evaluation's.
+        Everything else is passed on unchanged."""
+        run = (model_options or {}).get("transformer_options", {}).get(RUN_KEY)
+        if run is not None and timestep is not run.timestep:
+            run.timestep = timestep
+            run.evaluations += 1
+            run.eval_step = step_of_evaluation(run.step, run.evaluations, run.second_evaluation)
+        return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
+
     def _step(self, run, t, to) -> tuple[int, int]:
-        """(this call's step, steps of the run): the run's counter, else the nearest of ``sample_sigmas``."""
+        """(this call's step, steps of the run): the evaluation's step (the run's counter where ComfyUI
+        reported no evaluation), else the nearest of ``sample_sigmas``."""
         if run is not None:
-            return min(run.step, run.n - 1), run.n
+            return min(run.step if run.eval_step is None else run.eval_step, run.n - 1), run.n
         sigmas = to.get("sample_sigmas")
         if sigmas is None or len(sigmas) < 2:
             return 0, 1

@@ -45,6 +45,8 @@ from .tile_windows import batch_of, positions
 from .tile_plan import Plan, TileConfig, plan_for, plan_has_levels
 from .utils import RUN_KEY, P, PV, WRAPPER_KEY, latent_compression, latent_patch_size
 
+STEPS_KEY = WRAPPER_KEY + ".steps"     # the keyed wrapper that marks each model evaluation's step
+
 log = logging.getLogger(__name__)
 
 
@@ -294,6 +296,7 @@ def tiled_model(model, cfg: TileConfig):
     for kind, key, fn in (("SAMPLER_SAMPLE", WRAPPER_KEY, engine.sampler_sample),
                           ("PREPARE_SAMPLING", WRAPPER_KEY, engine.prepare_sampling),
                           ("CALC_COND_BATCH", WRAPPER_KEY, TileControl(engine).calc_cond_batch),
+                          ("CALC_COND_BATCH", STEPS_KEY, engine.mark_evaluation),
                           ("CALC_COND_BATCH", tcond.KEY, tcond.TilePromptConds().calc_cond_batch),
                           ("CALC_COND_BATCH", regional.KEY, regional.RegionRecorder().calc_cond_batch),
                           ("CALC_COND_BATCH", tdev.KEY, tdev.TileDevices(engine).calc_cond_batch)):

@@ -301,12 +301,10 @@ def test_spotdiffusion_schedule_keeps_zero_tiles_and_skips_inactive_ones(pack, f
 
 # One evaluation per step (euler), multistep with history (uni_pc), stochastic multistep (dpmpp_2m_sde,
 # dpmpp_3m_sde: fresh noise every step), and two evaluations per step: heun (its corrector at the next
-# step's sigma) and dpmpp_sde (a midpoint between the step's sigmas), both after the step's callback.
+# step's sigma), dpmpp_sde and dpm_2 (a midpoint between the step's sigmas), all after the step's callback.
 ONE_EVALUATION = ["euler", "uni_pc", "dpmpp_2m_sde", "dpmpp_3m_sde"]
-TWO_EVALUATIONS = ["heun", "dpmpp_sde"]
-CORRECTOR_AFTER_CALLBACK = pytest.mark.xfail(strict=True, reason=(
-    "known engine limitation: the step counter advances at the sampler's callback, which heun / dpmpp_sde "
-    "call between a step's two evaluations, so the second evaluation uses the next step's setting"))
+TWO_EVALUATIONS = ["heun", "dpmpp_sde", "dpm_2"]
+
 
 
 def sample(model, pos, neg, latent, sampler, steps, denoise, seed=7, cfg=4.0, on_step=None):
@@ -357,8 +355,7 @@ def own_tiles(fx, model, layout, mode):
                  variable_denoise=mode)
 
 
-@pytest.mark.parametrize("sampler", ONE_EVALUATION + [pytest.param(s, marks=CORRECTOR_AFTER_CALLBACK)
-                                                      for s in TWO_EVALUATIONS])
+@pytest.mark.parametrize("sampler", ONE_EVALUATION + TWO_EVALUATIONS)
 def test_schedule_is_the_stepwise_switch_for_every_sampler(pack, fx, local, photo, source, sampler):
     """Per-tile denoise 0, 0.5, 1 (schedule): every model evaluation inside step i uses step i's setting:
     the run equals the same tiles at full strength where a plain post-CFG hook sets x0 = source for the
@@ -386,7 +383,7 @@ def test_schedule_is_the_stepwise_switch_for_every_sampler(pack, fx, local, phot
         assert float((out - late).abs().max()) > 1e-1
 
 
-@pytest.mark.parametrize("sampler", ["euler", "uni_pc", pytest.param("heun", marks=CORRECTOR_AFTER_CALLBACK)])
+@pytest.mark.parametrize("sampler", ["euler", "uni_pc", "heun"])
 def test_inactive_tiles_stay_exactly_on_the_noising_path(pack, fx, local, photo, source, sampler):
     """Deterministic samplers: until a tile is active, its latent at every step's callback is exactly
     source + sigma_i * the run's noise (the img2img noising path; uni_pc's latent is that over
