@@ -37,11 +37,8 @@ class RunState:
     source: torch.Tensor | None
     canvas: tuple
     step: int = 0
-    # The step of the model evaluation under way (None until ComfyUI's CALC_COND_BATCH reports one):
-    # ``step`` unless the sampler evaluates a second time after a step's callback (see step_of_evaluation)
-    eval_step: int | None = None
-    second_evaluation: bool = False      # the sampler is one of SECOND_EVALUATION
-    evaluations: int = 0                 # evaluations since the last callback
+    second_evaluation: bool = False      # the sampler is one of SECOND_EVALUATION (see step_of_evaluation)
+    evaluations: int = 0                 # model evaluations since the last callback (marked by CALC_COND_BATCH)
     timestep: object = None              # the evaluation under way's timestep tensor (its identity marks it)
     plans: dict = field(default_factory=dict)     # (batch item, device) -> Plan
     spot: dict = field(default_factory=dict)     # batch item -> (y shifts, x shifts) per step
@@ -188,14 +185,13 @@ class SamplingRun:
         if run is not None and timestep is not run.timestep:
             run.timestep = timestep
             run.evaluations += 1
-            run.eval_step = step_of_evaluation(run.step, run.evaluations, run.second_evaluation)
         return executor(model, conds, x_in, timestep, model_options, *args, **kwargs)
 
     def _step(self, run, t, to) -> tuple[int, int]:
-        """(this call's step, steps of the run): the evaluation's step (the run's counter where ComfyUI
-        reported no evaluation), else the nearest of ``sample_sigmas``."""
+        """(this call's step, steps of the run): the evaluation's step (step_of_evaluation; the run's
+        counter where ComfyUI marked no evaluation), else the nearest of ``sample_sigmas``."""
         if run is not None:
-            return min(run.step if run.eval_step is None else run.eval_step, run.n - 1), run.n
+            return min(step_of_evaluation(run.step, run.evaluations, run.second_evaluation), run.n - 1), run.n
         sigmas = to.get("sample_sigmas")
         if sigmas is None or len(sigmas) < 2:
             return 0, 1
